@@ -1,0 +1,7 @@
+"""``python -m vae <stage>`` is ``vae <stage>``."""
+
+import sys
+
+from vae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""``vae <stage>``: the command-line entry point, one subcommand per DVC stage.
+
+Each subcommand reads ``params.yaml`` (``--params`` to use another file), validates it, and
+calls the stage's ``run`` function. The project's own errors print as one clear message without
+a traceback and exit with status 1 (2 for bad parameters or usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from vae import __version__
+from vae.errors import ConfigError, VaeError
+
+STAGES = {
+    "download": ("vae.stages", "download",
+                 "Fetch the dataset's files into paths.raw/<dataset>, verified by the SHA-256 of their "
+                 "uncompressed content. Sources: the upstream mirrors, or $VAE_DATA_MIRROR (a folder "
+                 "or URL laid out as <mirror>/<dataset>/<file>) when set. Verified files are not "
+                 "fetched again."),
+    "binarize": ("vae.stages", "binarize",
+                 "Parse the raw files and write train / valid / test splits to "
+                 "paths.processed/<dataset> (50000 / 10000 / 10000 for MNIST; dynamic binarization: "
+                 "train stays grey and is resampled per minibatch, valid and test are binarized once)."),
+    "train": ("vae.train", "run",
+              "Train the VAE (maximise the SGVB ELBO); write models/model.pt, the ELBO curves and "
+              "train_summary.json; start the pipeline's MLflow run."),
+    "evaluate": ("vae.evaluate", "run",
+                 "Importance-sampled test log-likelihood L_k (k = evaluate.importance_samples), test "
+                 "ELBO and active units into reports/metrics.json; register the model in MLflow."),
+    "visualize": ("vae.visualize", "run",
+                  "Figures: prior samples, reconstructions, latent space, the 2-D manifold "
+                  "(latent_dim = 2) and the ELBO curves, into reports/figures."),
+    "report": ("vae.report", "run",
+               "reports/report.html (self-contained) and reports/report.md from the metrics and figures."),
+}
+
+EPILOG = """\
+The stages run in this order; `dvc repro` runs them all and skips those that are up to date.
+Environment: VAE_DATA_MIRROR (dataset mirror), MLFLOW_TRACKING_URI (default sqlite:///mlflow.db),
+VAE_TRACKING=off (log nothing to MLflow).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vae", description="Reproducible Auto-Encoding Variational Bayes: the pipeline's stages.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", metavar="PATH",
+                        help="parameters file (default: %(default)s)")
+    common.add_argument("--no-progress", action="store_true", help="print per-epoch lines instead of progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (_, _, text) in STAGES.items():
+        sub.add_parser(name, parents=[common], help=text.split(";")[0].split(". ")[0],
+                       description=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage. Returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        from vae.config import load_params
+
+        params = load_params(args.params)
+        module_name, function_name, _ = STAGES[args.stage]
+        stage = getattr(importlib.import_module(module_name), function_name)
+        stage(params, progress=progress)
+    except ConfigError as error:
+        print(f"vae {args.stage}: error: {error}", file=sys.stderr)
+        return 2
+    except VaeError as error:
+        print(f"vae {args.stage}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vae {args.stage}: interrupted; no partial output was left at a final path", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The ``binarize`` stage for MNIST: parse the IDX files, split, binarize.
+
+Split: 50000 / 10000 train / validation from the 60000 training images by a seeded permutation,
+and the 10000 test images. Binarization ``dynamic`` (IWAE, Burda et al. 2016, Sec. 5.1;
+Salakhutdinov & Murray 2008): training images stay grey and are resampled
+x ~ Bernoulli(intensity) each time they are used; validation and test images are sampled once
+with a fixed seed and saved binary.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from vae.config import DataConfig
+from vae.data.splits import Split
+from vae.errors import DataError
+
+IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+IMAGE_SIDE = 28
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+
+
+def _check_idx_header(path: Path, magic: int, dims: tuple[int, ...]) -> None:
+    """Validate an IDX file's magic number, dimensions and length before parsing it."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (run `vae download` first)")
+    size = path.stat().st_size
+    header_bytes = 4 + 4 * len(dims)
+    with open(path, "rb") as handle:
+        header = handle.read(header_bytes)
+    if len(header) < header_bytes:
+        raise DataError(f"{path}: too short for an IDX header ({size} bytes)")
+    found_magic, *found_dims = struct.unpack(f">{len(dims) + 1}I", header)
+    if found_magic != magic:
+        raise DataError(f"{path}: IDX magic number 0x{found_magic:08x}, expected 0x{magic:08x}")
+    if tuple(found_dims) != dims:
+        raise DataError(f"{path}: IDX dimensions {tuple(found_dims)}, expected {dims}")
+    expected_size = header_bytes + int(torch.tensor(dims).prod())
+    if size != expected_size:
+        raise DataError(f"{path}: {size} bytes, expected {expected_size} for dimensions {dims}")
+
+
+def read_idx_images(path: Path, count: int) -> torch.Tensor:
+    """Read an MNIST image file. Returns uint8 (count, 784).
+
+    Raises:
+        DataError: missing file, wrong magic number, dimensions or length.
+    """
+    _check_idx_header(path, IMAGE_MAGIC, (count, IMAGE_SIDE, IMAGE_SIDE))
+    return read_image_file(str(path)).reshape(count, IMAGE_SIDE * IMAGE_SIDE)
+
+
+def read_idx_labels(path: Path, count: int) -> torch.Tensor:
+    """Read an MNIST label file. Returns int64 (count,) with values 0..9.
+
+    Raises:
+        DataError: missing file, wrong magic number, length, or a label outside 0..9.
+    """
+    _check_idx_header(path, LABEL_MAGIC, (count,))
+    labels = read_label_file(str(path))
+    if labels.numel() and int(labels.max()) > 9:
+        raise DataError(f"{path}: label {int(labels.max())} found, expected digits 0..9")
+    return labels
+
+
+def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str, int]:
+    """Parse, split and binarize MNIST from ``raw_dir`` into ``out_dir/{train,valid,test}.pt``.
+
+    Returns:
+        The number of examples in each split.
+
+    Raises:
+        DataError: a raw file is missing or malformed.
+        ConfigError: ``validation_size`` leaves no training examples.
+    """
+    from vae.errors import ConfigError
+
+    train_images = read_idx_images(raw_dir / FILES["train"][0], FILES["train"][2])
+    train_labels = read_idx_labels(raw_dir / FILES["train"][1], FILES["train"][2])
+    test_images = read_idx_images(raw_dir / FILES["test"][0], FILES["test"][2])
+    test_labels = read_idx_labels(raw_dir / FILES["test"][1], FILES["test"][2])
+    if config.validation_size >= len(train_images):
+        raise ConfigError(f"data.validation_size = {config.validation_size}: expected fewer than "
+                          f"the {len(train_images)} training images")
+
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.split_seed))
+    valid_index, train_index = order[: config.validation_size], order[config.validation_size :]
+    if config.train_subset is not None:
+        train_index = train_index[: config.train_subset]
+    test_index = torch.arange(len(test_images))
+    if config.eval_subset is not None:
+        test_index = test_index[: config.eval_subset]
+        valid_index = valid_index[: config.eval_subset]
+
+    generator = torch.Generator().manual_seed(config.binarization_seed)
+
+    def binarize_once(images: torch.Tensor) -> torch.Tensor:
+        return torch.bernoulli(images.float() / 255.0, generator=generator).to(torch.uint8)
+
+    splits = {
+        "train": Split(train_images[train_index].clone(), train_labels[train_index].clone(),
+                       binary=False, binarization=config.binarization),
+        "valid": Split(binarize_once(train_images[valid_index]), train_labels[valid_index].clone(),
+                       binary=True, binarization=config.binarization),
+        "test": Split(binarize_once(test_images[test_index]), test_labels[test_index].clone(),
+                      binary=True, binarization=config.binarization),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        split.save(out_dir / f"{name}.pt")
+    return {name: len(split) for name, split in splits.items()}

@@ -1,0 +1,32 @@
+"""The project's error types: each one carries a message that names what to fix.
+
+The CLI prints these without a traceback and exits non-zero; anything else is a bug.
+"""
+
+
+class VaeError(Exception):
+    """Base class of the project's own, user-facing errors."""
+
+
+class ConfigError(VaeError, ValueError):
+    """A value in ``params.yaml`` (or a CLI override) is unknown, of the wrong type or out of range."""
+
+
+class DataError(VaeError):
+    """A dataset file is missing, truncated, of the wrong format or fails its checksum."""
+
+
+class ChecksumError(DataError):
+    """A downloaded file's content does not match the checksum the project expects."""
+
+
+class DownloadError(DataError):
+    """No source could deliver a verified copy of a file."""
+
+
+class CheckpointError(VaeError):
+    """A file is not a checkpoint written by this project, or it is damaged."""
+
+
+class TrackingError(VaeError):
+    """The MLflow tracking store cannot be reached or refused a request."""

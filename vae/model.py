@@ -1,0 +1,180 @@
+"""The AEVB variational autoencoder (Kingma & Welling 2014, Sec. 3 and App. C).
+
+Encoder q(z|x) = N(mu(x), diag exp(log_var(x))) and Bernoulli decoder p(x|z) = Bernoulli(sigmoid(
+logits(z))), each an MLP with one tanh hidden layer; prior p(z) = N(0, I). Checkpoints hold only
+tensors and plain values, and :func:`load_model` reads them with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vae import objectives
+from vae.errors import CheckpointError
+from vae.io import atomic_path
+
+CHECKPOINT_FORMAT = "vae-pipeline/checkpoint"
+CHECKPOINT_VERSION = 1
+FLOAT_BYTES = 4
+
+
+class VAE(nn.Module):
+    """Gaussian-encoder, Bernoulli-decoder VAE with one tanh hidden layer on each side.
+
+    Args:
+        input_dim: D, pixels per image (784 for MNIST).
+        hidden_dim: tanh units in the encoder's and the decoder's hidden layer.
+        latent_dim: N_z, the size of z.
+    """
+
+    def __init__(self, input_dim: int = 784, hidden_dim: int = 500, latent_dim: int = 20) -> None:
+        super().__init__()
+        self.input_dim, self.hidden_dim, self.latent_dim = input_dim, hidden_dim, latent_dim
+        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.Tanh())
+        self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
+        self.encoder_log_var = nn.Linear(hidden_dim, latent_dim)
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(),
+                                     nn.Linear(hidden_dim, input_dim))
+
+    def config(self) -> dict[str, int]:
+        """The constructor arguments, as stored in checkpoints."""
+        return {"input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "latent_dim": self.latent_dim}
+
+    def _check_input(self, x: torch.Tensor, binary: bool = True) -> None:
+        if not torch.is_floating_point(x) or x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"x: expected a float tensor of shape (batch, {self.input_dim}), "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        if binary and not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError("x: expected values in {0, 1} (binarize grey images first; a Bernoulli "
+                             "likelihood of grey values is not a likelihood)")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x) parameters: x (batch, D) float -> (mu, log_var), each (batch, latent_dim)."""
+        hidden = self.encoder(x)
+        return self.encoder_mean(hidden), self.encoder_log_var(hidden)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z): z (..., latent_dim) -> (..., D); sigmoid gives the means."""
+        return self.decoder(z)
+
+    def reparameterize(self, mu: torch.Tensor, log_var: torch.Tensor, samples: int | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mu + exp(log_var / 2) * eps; see :func:`vae.objectives.reparameterize`."""
+        return objectives.reparameterize(mu, log_var, samples, generator)
+
+    def decoder_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) summed over pixels: x (batch, D), z (..., batch, latent_dim) -> (..., batch), nats."""
+        return objectives.bernoulli_log_prob(x, self.decode(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-sample ELBO per example (the training objective, unchecked input), nats."""
+        return objectives.elbo(self, x)
+
+    def elbo(self, x: torch.Tensor, samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """SGVB estimate of the ELBO per example (Kingma & Welling 2014, Eq. 7), analytic KL.
+
+        Args:
+            x: (batch, D) float tensor with values in {0, 1}.
+            samples: L, Monte Carlo samples of z per example.
+        Returns:
+            (batch,) float, nats per example (negative; higher is better).
+        Raises:
+            ValueError: x has the wrong shape or dtype, or non-binary values.
+        """
+        self._check_input(x)
+        return objectives.elbo(self, x, samples, generator)
+
+    def log_likelihood(self, x: torch.Tensor, importance_samples: int = 5000,
+                       memory_budget_mb: float = 256, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance-sampled log p(x), L_k (Burda et al. 2016, Eq. 8), per example.
+
+        Args:
+            x: (batch, D) float tensor with values in {0, 1}.
+            importance_samples: k; the field reports k = 5000.
+            memory_budget_mb: bound on the working memory of one chunk of (example, sample) pairs.
+        Returns:
+            (batch,) float, nats per example.
+        Raises:
+            ValueError: bad input, or importance_samples < 1.
+        """
+        self._check_input(x)
+        was_training = self.training
+        self.eval()
+        try:
+            estimate = objectives.importance_sampled_log_likelihood(
+                self, x, importance_samples, self.pairs_for_budget(memory_budget_mb), generator)
+        finally:
+            self.train(was_training)
+        return estimate.log_likelihood
+
+    def pairs_for_budget(self, memory_budget_mb: float) -> int:
+        """How many (example, sample) pairs fit in ``memory_budget_mb`` of decoder activations.
+
+        Per pair the decoder holds z, its hidden layer, the logits and their softplus, plus the
+        log-density terms: about (latent + hidden + 2 D) floats.
+        """
+        per_pair = (self.latent_dim + self.hidden_dim + 2 * self.input_dim) * FLOAT_BYTES
+        return max(1, int(memory_budget_mb * 2**20 // per_pair))
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoder means sigmoid(logits(z)) for z ~ p(z): (count, D) float in (0, 1)."""
+        device = next(self.parameters()).device
+        z = torch.randn(count, self.latent_dim, generator=generator, device=device)
+        return torch.sigmoid(self.decode(z))
+
+
+def save_checkpoint(model: VAE, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (weights on CPU, constructor arguments, plain metadata) atomically."""
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+               "model_config": model.config(), "state_dict": state, "metadata": metadata or {}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint's payload without building the model.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not a checkpoint of this project.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (run `vae train` first)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights-only errors differ across torch versions
+        raise CheckpointError(f"{path}: not a checkpoint of this project "
+                              f"(torch.load with weights_only=True failed: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project "
+                              f"(expected format {CHECKPOINT_FORMAT!r})")
+    if payload.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('format_version')!r}, "
+                              f"this code reads version {CHECKPOINT_VERSION}")
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
+    """Load a trained :class:`VAE` from a checkpoint written by the ``train`` stage.
+
+    The returned module is in eval mode and offers ``encode(x) -> (mu, log_var)``,
+    ``decode(z) -> logits``, ``elbo(x)`` and ``log_likelihood(x, importance_samples)`` for x a
+    float tensor of shape (batch, 784) with values in {0, 1}; results in nats per example.
+
+    Raises:
+        CheckpointError: the file is missing, is not a checkpoint of this project, or its
+            weights do not fit the architecture it declares. Nothing in it is executed.
+    """
+    payload = read_checkpoint(path)
+    try:
+        model = VAE(**payload["model_config"])
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None
+    return model.to(device).eval()

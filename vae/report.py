@@ -1,0 +1,122 @@
+"""The ``report`` stage: ``reports/report.html`` (one self-contained file, images embedded) and
+``reports/report.md``, laid out as a results section: set-up, results beside published numbers
+of the same binarization, figures, provenance. Every value is escaped (HTML by Jinja2's
+autoescape, Markdown by :func:`markdown_escape`), so a parameter holding markup shows as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from vae import tracking
+from vae.config import Params
+from vae.io import read_json, write_text
+from vae.references import comparable
+
+FIGURES = (
+    ("elbo_curves", "ELBO during training",
+     "Train and validation ELBO against the number of training examples evaluated (log axis), "
+     "as in AEVB Figure 2; grey: moving mean of the minibatch estimates."),
+    ("samples", "Samples from the prior",
+     "Decoder means sigmoid(logits(z)) for z ~ N(0, I), as in AEVB Figure 5."),
+    ("reconstructions", "Reconstructions",
+     "Top: binarized test images. Bottom: decoder means at z = E_q[z|x]."),
+    ("latent_space", "Latent space",
+     "Posterior means of test images coloured by digit label."),
+    ("manifold", "Learned 2-D manifold",
+     "Decoder means over a grid of the unit square mapped through the inverse Gaussian CDF, "
+     "as in AEVB Figure 4."),
+)
+
+
+def markdown_escape(value: Any) -> str:
+    """Text safe inside a Markdown table cell: HTML special characters, pipes and newlines escaped."""
+    text = html.escape(str(value), quote=False)
+    return re.sub(r"([|`*_\[\]])", r"\\\1", text).replace("\n", " ")
+
+
+def _environment() -> jinja2.Environment:
+    loader = jinja2.PackageLoader("vae", "templates")
+    env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html.j2"]),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["md"] = markdown_escape
+    return env
+
+
+def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
+    """Everything the templates show, as plain values."""
+    m = metrics
+    k = m["importance_samples"]
+    architecture = (f"{784}-{m['hidden_dim']}-{m['latent_dim']} tanh encoder, mirrored Bernoulli decoder; "
+                    f"{params.train.optimizer}, lr {params.train.learning_rate}, batch {params.train.batch_size}, "
+                    f"{m['epochs']} epochs")
+    setup = [
+        ("dataset", f"{m['dataset']} ({summary['train_examples']} train / "
+                    f"{m['test_examples']} test examples)"),
+        ("binarization", m["binarization"]),
+        ("architecture", f"784-{m['hidden_dim']}-{m['latent_dim']} (tanh hidden layer), decoder mirrored, "
+                         "Gaussian q(z|x), Bernoulli p(x|z), prior N(0, I)"),
+        ("objective", "SGVB ELBO, estimator B (analytic KL), 1 sample of z per example"),
+        ("optimizer", f"{params.train.optimizer}, learning rate {params.train.learning_rate}, "
+                      f"batch {params.train.batch_size}"),
+        ("training length", f"{m['epochs']} epochs = {summary.get('examples_seen', 0):,} examples evaluated"),
+        ("hardware", summary.get("device", "unknown")),
+        ("training wall time", f"{m['train_seconds']:.1f} s"),
+        ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test images "
+                       f"({m.get('evaluate_seconds', float('nan')):.1f} s)"),
+    ]
+    results = [
+        (f"test log-likelihood L_{k}", f"{m['test_log_likelihood']:.2f} ± {m['test_log_likelihood_stderr']:.2f}"),
+        ("test ELBO", f"{m['test_elbo']:.2f}"),
+        ("train ELBO (last epoch)", f"{m['train_elbo']:.2f}"),
+        ("validation ELBO (last epoch)", f"{m['valid_elbo']:.2f}"),
+        ("active units (A_u > 0.01)", f"{m['active_units']} of {m['latent_dim']}"),
+    ]
+    figures = []
+    for name, title, caption in FIGURES:
+        path = figures_dir / f"{name}.png"
+        if path.is_file():
+            figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
+                            "data": base64.b64encode(path.read_bytes()).decode("ascii")})
+    provenance = [
+        ("git commit", tracking.git_commit() or "not a git work tree"),
+        ("MLflow run", summary.get("mlflow_run_id") or "not tracked"),
+        ("reproduce", "dvc repro  (after git checkout of the commit above)"),
+    ]
+    return {
+        "title": f"VAE on {m['dataset'].upper()} ({m['binarization']} binarization), "
+                 f"latent_dim = {m['latent_dim']}",
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "setup": setup, "results": results, "binarization": m["binarization"],
+        "references": comparable(m["dataset"], m["binarization"]),
+        "our_architecture": architecture, "importance_samples": k,
+        "our_log_likelihood": f"{m['test_log_likelihood']:.2f}",
+        "figures": figures, "provenance": provenance,
+        "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),
+    }
+
+
+def run(params: Params, progress: bool = True) -> dict[str, str]:
+    """Stage entry point: write ``report.html`` and ``report.md``; log both to the MLflow run."""
+    paths = params.paths
+    metrics = read_json(paths.metrics)
+    summary = read_json(paths.train_summary)
+    context = build_context(params, metrics, summary, paths.figures)
+    env = _environment()
+    outputs = {"html": Path(paths.reports) / "report.html", "md": Path(paths.reports) / "report.md"}
+    write_text(outputs["html"], env.get_template("report.html.j2").render(context))
+    md_context = {**context, "figures": [{k: v for k, v in f.items() if k != "data"} for f in context["figures"]]}
+    write_text(outputs["md"], env.get_template("report.md.j2").render(md_context))
+    with tracking.resume_run(summary.get("mlflow_run_id"), "report") as tracker:
+        for path in outputs.values():
+            tracker.log_artifact(path, "report")
+    print(f"report: {outputs['html']}, {outputs['md']}", flush=True)
+    return {name: str(path) for name, path in outputs.items()}

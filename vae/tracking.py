@@ -1,0 +1,222 @@
+"""Every MLflow call of the project, in one place.
+
+One MLflow run per pipeline execution: the ``train`` stage creates it and records its id in its
+summary file; ``evaluate``, ``visualize`` and ``report`` reopen that run and log into it, so a
+run holds the model's parameters, ELBO curves, test log-likelihood, figures and report together.
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else MLflow's default (SQLite
+``mlflow.db`` in the working directory, i.e. the repository root under ``dvc repro``).
+``VAE_TRACKING=off`` turns tracking off (for machines without mlflow); stages then say so loudly.
+mlflow is imported only when a tracker is created, so training runs without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vae.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+TRACKING_ENV = "VAE_TRACKING"
+METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+
+def enabled() -> bool:
+    """False when ``VAE_TRACKING`` is ``off``, ``0`` or ``false``."""
+    return os.environ.get(TRACKING_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, or None outside a git work tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """Logs into one MLflow run through ``MlflowClient`` (explicit run id, no global state)."""
+
+    def __init__(self, client: Any, run_id: str, uri: str) -> None:
+        self.client, self.run_id, self.uri = client, run_id, uri
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._call(self.client.log_batch, self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call(self.client.log_batch, self.run_id,
+                   tags=[RunTag(key, str(value)) for key, value in tags.items() if value is not None])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_history({name: [(step, value)] for name, value in metrics.items()})
+
+    def log_history(self, series: Mapping[str, Sequence[tuple[int, float]]]) -> None:
+        """Log many (step, value) points per metric in as few requests as MLflow allows."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(value), now, int(step))
+                   for name, points in series.items() for step, value in points]
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            self._call(self.client.log_batch, self.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: Any, registered_model_name: str, tags: Mapping[str, Any]) -> str:
+        """Log ``model`` to the run and register it as a new version of ``registered_model_name``.
+
+        When this run already registered a version (the stage re-ran), that version's tags are
+        updated instead of adding a duplicate. Returns the version number.
+        """
+        import mlflow
+        import mlflow.pytorch
+
+        existing = self._call(self.client.search_model_versions,
+                              f"name='{registered_model_name}' and run_id='{self.run_id}'")
+        if existing:
+            version = str(max(int(v.version) for v in existing))
+        else:
+            import torch
+
+            package_dir = Path(__file__).resolve().parent
+            with mlflow.start_run(run_id=self.run_id):
+                info = self._call(
+                    mlflow.pytorch.log_model, model, name="model", serialization_format="pickle",
+                    code_paths=[str(package_dir)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            registered = self._call(mlflow.register_model, info.model_uri, registered_model_name)
+            version = str(registered.version)
+        for key, value in tags.items():
+            self._call(self.client.set_model_version_tag, registered_model_name, version, key, str(value))
+        return version
+
+    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:  # MlflowException, connection and database errors alike
+            raise TrackingError(f"MLflow tracking at {self.uri} failed in {function.__name__}: {error}") from error
+
+
+class NullTracker:
+    """Stands in for :class:`Tracker` when tracking is off: every call does nothing."""
+
+    run_id = None
+    uri = None
+
+    @property
+    def active(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _client() -> tuple[Any, str]:
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+    except ImportError as error:
+        raise TrackingError(f"mlflow is not installed ({error}); install it or set {TRACKING_ENV}=off") from None
+    uri = mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _warn_off(stage: str) -> None:
+    print(f"WARNING: {TRACKING_ENV}=off: the {stage} stage logs nothing to MLflow", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, stage: str,
+              tags: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+    """Create the pipeline execution's run in ``experiment`` (created if missing) and yield a tracker.
+
+    The run is marked FINISHED when the block succeeds and FAILED when it raises.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    if not enabled():
+        _warn_off(stage)
+        yield NullTracker()
+        return
+    client, uri = _client()
+    tracker = Tracker(client, "", uri)
+    found = tracker._call(client.get_experiment_by_name, experiment)
+    experiment_id = found.experiment_id if found else tracker._call(client.create_experiment, experiment)
+    all_tags = {"mlflow.runName": run_name, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    run = tracker._call(client.create_run, experiment_id, run_name=run_name,
+                        tags={k: str(v) for k, v in all_tags.items() if v is not None})
+    tracker.run_id = run.info.run_id
+    with _run_status(tracker, stage):
+        yield tracker
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str | None, stage: str) -> Iterator[Tracker | NullTracker]:
+    """Reopen the run the ``train`` stage created and yield a tracker for it.
+
+    A missing ``run_id`` (training ran with tracking off) or a run the store no longer holds is
+    reported on stderr and nothing is logged, rather than scattering results over new runs.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request.
+    """
+    if not enabled():
+        _warn_off(stage)
+        yield NullTracker()
+        return
+    if not run_id:
+        print(f"WARNING: training recorded no MLflow run; the {stage} stage logs nothing "
+              "(re-run `vae train` with tracking on)", file=sys.stderr)
+        yield NullTracker()
+        return
+    client, uri = _client()
+    tracker = Tracker(client, run_id, uri)
+    try:
+        client.get_run(run_id)
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            print(f"WARNING: MLflow run {run_id} is not in {uri}; the {stage} stage logs nothing "
+                  "(re-run `vae train` to start a new run)", file=sys.stderr)
+            yield NullTracker()
+            return
+        raise TrackingError(f"MLflow tracking at {uri} failed in get_run: {error}") from error
+    with _run_status(tracker, stage):
+        yield tracker
+
+
+@contextlib.contextmanager
+def _run_status(tracker: Tracker, stage: str) -> Iterator[Tracker]:
+    tracker._call(tracker.client.update_run, tracker.run_id, status="RUNNING")
+    try:
+        yield tracker
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tracker.client.set_tag(tracker.run_id, "failed_stage", stage)
+            tracker.client.set_terminated(tracker.run_id, status="FAILED")
+        raise
+    tracker._call(tracker.client.set_terminated, tracker.run_id, status="FINISHED")
+    print(f"MLflow: {stage} logged to run {tracker.run_id} at {tracker.uri}", flush=True)

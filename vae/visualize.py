@@ -1,0 +1,157 @@
+"""The ``visualize`` stage: the figures of the report, as PNG files in ``reports/figures``.
+
+- ``samples.png``: decoder means of z ~ p(z) (AEVB Fig. 5 style).
+- ``reconstructions.png``: test images (odd rows) above the decoder means at z = E_q[z|x] (even rows).
+- ``latent_space.png``: E_q[z|x] of test images coloured by digit; the coordinates themselves when
+  latent_dim = 2, else a scikit-learn PCA or t-SNE projection.
+- ``manifold.png`` (latent_dim = 2 only): AEVB Fig. 4, a regular grid on the unit square mapped
+  through the inverse Gaussian CDF to z, with the decoder mean drawn at each point.
+- ``elbo_curves.png``: train and validation ELBO against training examples seen (log axis, as
+  AEVB Fig. 2), with the per-minibatch estimates behind them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from vae import tracking  # noqa: E402
+from vae.config import Params, VisualizeConfig  # noqa: E402
+from vae.data.splits import load_split  # noqa: E402
+from vae.io import atomic_path, read_json  # noqa: E402
+from vae.model import VAE, load_model  # noqa: E402
+
+DPI = 200
+IMAGE_SHAPE = {"mnist": (28, 28)}
+
+
+def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
+    """Save (N, D) images in [0, 1] as one PNG grid (torchvision), atomically."""
+    grid = make_grid(images.reshape(-1, 1, *shape).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+
+
+def _save_figure(figure: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+
+
+@torch.no_grad()
+def prior_samples(model: VAE, config: VisualizeConfig, shape: tuple[int, int], path: Path) -> None:
+    generator = torch.Generator().manual_seed(config.seed)
+    _save_grid(model.sample(config.samples_grid**2, generator), shape, config.samples_grid, path)
+
+
+@torch.no_grad()
+def reconstructions(model: VAE, x: torch.Tensor, config: VisualizeConfig, shape: tuple[int, int],
+                    path: Path) -> None:
+    count = min(config.reconstructions, len(x))
+    originals = x[:count]
+    means = torch.sigmoid(model.decode(model.encode(originals)[0]))
+    _save_grid(torch.cat([originals, means]), shape, count, path)
+
+
+@torch.no_grad()
+def latent_space(model: VAE, x: torch.Tensor, labels: torch.Tensor, config: VisualizeConfig,
+                 path: Path) -> str:
+    """Scatter E_q[z|x] coloured by label; returns how the 2-D coordinates were obtained."""
+    count = min(config.latent_points, len(x))
+    mu = model.encode(x[:count])[0].numpy()
+    if mu.shape[1] == 2:
+        coords, how = mu, "z itself (latent_dim = 2)"
+    elif mu.shape[1] == 1:
+        coords, how = torch.cat([torch.from_numpy(mu), torch.zeros(count, 1)], 1).numpy(), "z (latent_dim = 1)"
+    elif config.projection == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=config.seed).fit(mu)
+        coords = pca.transform(mu)
+        how = f"PCA of E_q[z|x] ({pca.explained_variance_ratio_.sum():.0%} of variance)"
+    else:
+        from sklearn.manifold import TSNE
+
+        coords = TSNE(n_components=2, random_state=config.seed, init="pca").fit_transform(mu)
+        how = "t-SNE of E_q[z|x]"
+    figure, axes = plt.subplots(figsize=(6, 5.2))
+    points = axes.scatter(coords[:, 0], coords[:, 1], c=labels[:count].numpy(), cmap="tab10",
+                          s=3, alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True)
+    figure.colorbar(points, ax=axes, ticks=range(10), label="digit")
+    axes.set_title(f"Latent space of {count} test images: {how}", fontsize=9)
+    axes.set_xlabel("dimension 1")
+    axes.set_ylabel("dimension 2")
+    _save_figure(figure, path)
+    return how
+
+
+@torch.no_grad()
+def manifold(model: VAE, config: VisualizeConfig, shape: tuple[int, int], path: Path) -> None:
+    """AEVB Fig. 4: grid points (i + 0.5) / n of the unit square through the inverse Gaussian CDF."""
+    steps = config.manifold_grid
+    quantiles = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    values = torch.special.ndtri(quantiles)
+    # Rows run from high z_2 (top) to low; columns from low z_1 (left) to high.
+    z = torch.stack(torch.meshgrid(values, values.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
+    _save_grid(torch.sigmoid(model.decode(z)), shape, steps, path)
+
+
+def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    if len(steps):
+        window = max(1, min(100, len(steps) // 20))
+        smooth = steps["train_elbo"].rolling(window, min_periods=1).mean()
+        axes.plot(steps["examples_seen"], smooth, color="0.7", lw=0.8,
+                  label=f"train, minibatch estimates (moving mean of {window})")
+    axes.plot(epochs["examples_seen"], epochs["train_elbo"], "o-", color="C0", ms=3, label="train")
+    axes.plot(epochs["examples_seen"], epochs["valid_elbo"], "s--", color="C1", ms=3, label="validation")
+    axes.set_xscale("log")
+    axes.set_xlabel("training examples evaluated")
+    axes.set_ylabel("ELBO (nats per example)")
+    low = min(epochs["train_elbo"].min(), epochs["valid_elbo"].min())
+    high = max(epochs["train_elbo"].max(), epochs["valid_elbo"].max())
+    margin = max(5.0, 0.1 * (high - low))
+    axes.set_ylim(low - margin, high + margin)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    axes.set_title("Lower bound during training (cf. AEVB Fig. 2)", fontsize=10)
+    _save_figure(figure, path)
+
+
+def run(params: Params, progress: bool = True) -> dict[str, str]:
+    """Stage entry point: draw every figure that applies to the trained model; log them to MLflow.
+
+    Returns:
+        ``{figure name: file path}``.
+    """
+    paths, config, dataset = params.paths, params.visualize, params.data.dataset
+    shape = IMAGE_SHAPE[dataset]
+    model = load_model(paths.checkpoint)
+    test = load_split(paths.processed_dir(dataset) / "test.pt")
+    x = test.binarized()
+    out = paths.figures
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png",
+               "latent_space": out / "latent_space.png", "elbo_curves": out / "elbo_curves.png"}
+    prior_samples(model, config, shape, figures["samples"])
+    reconstructions(model, x, config, shape, figures["reconstructions"])
+    latent_space(model, x, test.labels, config, figures["latent_space"])
+    elbo_curves(pd.read_csv(paths.elbo_curve), pd.read_csv(paths.train_steps), figures["elbo_curves"])
+    if model.latent_dim == 2:
+        figures["manifold"] = out / "manifold.png"
+        manifold(model, config, shape, figures["manifold"])
+    else:
+        (out / "manifold.png").unlink(missing_ok=True)  # a stale one from a 2-D run would mislead
+    summary = read_json(paths.train_summary)
+    with tracking.resume_run(summary.get("mlflow_run_id"), "visualize") as tracker:
+        for path in figures.values():
+            tracker.log_artifact(path, "figures")
+    print(f"figures: {', '.join(str(p) for p in figures.values())}", flush=True)
+    return {name: str(path) for name, path in figures.items()}
