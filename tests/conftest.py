@@ -1,0 +1,37 @@
+"""Shared fixtures. Every test runs with MLflow pointed at a temporary store, so nothing is
+written to the repository's ``mlflow.db`` or ``mlruns/``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def dataset_mirror() -> str | None:
+    """The dataset mirror tests use: ``VAE_DATA_MIRROR``, else ``../shared/datasets`` beside the
+    repository when present, else None (the upstream URLs)."""
+    configured = os.environ.get("VAE_DATA_MIRROR", "").strip()
+    if configured:
+        return configured
+    shared = REPO_ROOT.parent / "shared" / "datasets"
+    return str(shared) if shared.is_dir() else None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory):
+    store = tmp_path_factory.mktemp("mlflow")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    patch.setenv("DVC_NO_ANALYTICS", "1")
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT

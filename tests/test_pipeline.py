@@ -1,0 +1,265 @@
+"""The whole DVC pipeline end to end, for real, on a small subset of MNIST, in a temporary git
+copy of the repository; then the MLflow server started on 127.0.0.1 against the store the
+pipeline wrote, queried through the REST API the UI uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, dataset_mirror
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {
+    "data": {"train_subset": 2000, "eval_subset": 500},
+    "model": {"latent_dim": 2, "hidden_dim": 64},
+    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu"},
+    "evaluate": {"importance_samples": 50, "device": "cpu"},
+    "visualize": {"latent_points": 500, "manifold_grid": 8},
+}
+STAGES = ("download", "binarize", "train", "evaluate", "visualize", "report")
+
+
+def _copy_repo(destination: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
+                   cwd=cwd, check=True, capture_output=True)
+
+
+def _set_params(path: Path, overrides: dict) -> None:
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class Pipeline:
+    """A temporary copy of the repository with its own MLflow store."""
+
+    def __init__(self, root: Path, store: Path) -> None:
+        self.root, self.store = root, store
+        self.env = {**os.environ,
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "DVC_NO_ANALYTICS": "1",
+                    "MLFLOW_DISABLE_TELEMETRY": "true"}
+        mirror = dataset_mirror()
+        if mirror:
+            self.env["VAE_DATA_MIRROR"] = mirror
+
+    def dvc(self, *args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.root, env=self.env,
+                                capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output}"
+        return output
+
+    def json(self, relative: str) -> dict:
+        return json.loads((self.root / relative).read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    root = tmp_path_factory.mktemp("repo")
+    _copy_repo(root)
+    _set_params(root / "params.yaml", SMALL)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "test copy")
+    pipe = Pipeline(root, tmp_path_factory.mktemp("store") / "mlflow.db")
+    pipe.first_output = pipe.dvc("repro")
+    return pipe
+
+
+def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> None:
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in pipeline.first_output
+    root = pipeline.root
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        assert (root / "data/raw/mnist" / name).stat().st_size > 0
+    assert not list((root / "data/raw/mnist").glob(".*tmp")), "temporary download files left behind"
+    for name in ("samples", "reconstructions", "latent_space", "elbo_curves", "manifold"):
+        assert (root / "reports/figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
+    metrics = pipeline.json("reports/metrics.json")
+    assert metrics["dataset"] == "mnist" and metrics["binarization"] == "dynamic"
+    assert metrics["latent_dim"] == 2 and metrics["epochs"] == 2 and metrics["importance_samples"] == 50
+    assert metrics["test_examples"] == 500
+    for key in ("test_log_likelihood", "test_elbo", "train_elbo", "valid_elbo"):
+        assert -400 < metrics[key] < 0, (key, metrics[key])
+    assert 0 < metrics["test_log_likelihood_stderr"] < 10
+    # L_50 is a tighter bound than the ELBO; with 500 examples the mean gap is far above noise.
+    assert metrics["test_log_likelihood"] > metrics["test_elbo"]
+    assert metrics["active_units"] in (0, 1, 2)
+    assert metrics["train_seconds"] > 0
+    curve = (pipeline.root / "reports/elbo_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch,examples_seen,train_elbo,valid_elbo") and len(curve) == 3
+    assert curve[-1].split(",")[1] == str(2 * 2000)
+
+
+def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
+    import torch
+
+    import vae
+
+    model = vae.load_model(pipeline.root / "models/model.pt")
+    assert model.latent_dim == 2 and not model.training
+    test = torch.load(pipeline.root / "data/processed/mnist/test.pt", weights_only=True)
+    x = test["images"][:8].float()
+    mu, log_var = model.encode(x)
+    assert mu.shape == log_var.shape == (8, 2)
+    assert model.decode(mu).shape == (8, 784)
+    assert model.elbo(x).shape == (8,)
+    assert model.log_likelihood(x, importance_samples=10).shape == (8,)
+
+
+def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
+    html = (pipeline.root / "reports/report.html").read_text()
+    metrics = pipeline.json("reports/metrics.json")
+    assert html.count("data:image/png;base64,") == 5
+    assert "src=\"http" not in html and "src='http" not in html, "report must not need the network"
+    assert f"{metrics['test_log_likelihood']:.2f}" in html
+    assert "dynamic" in html and "static" not in html.split("Provenance")[0].lower()
+    markdown = (pipeline.root / "reports/report.md").read_text()
+    assert f"{metrics['test_log_likelihood']:.2f}" in markdown
+    assert "(figures/manifold.png)" in markdown
+
+
+def test_dvc_metrics_and_plots_render(pipeline: Pipeline) -> None:
+    shown = json.loads(pipeline.dvc("metrics", "show", "--json"))
+    values = json.dumps(shown)
+    assert "test_log_likelihood" in values
+    plots = json.loads(pipeline.dvc("plots", "show", "--json"))["data"]
+    assert set(plots) == {"ELBO per epoch", "ELBO per minibatch"}, list(plots)
+    rows = plots["ELBO per epoch"][0]["content"]["data"]["values"]
+    assert {row["field"] for row in rows} == {"train_elbo", "valid_elbo"}
+    assert len(rows) == 2 * pipeline.json("reports/metrics.json")["epochs"]
+
+
+def test_second_repro_does_nothing_and_an_epochs_change_reruns_from_train(pipeline: Pipeline) -> None:
+    again = pipeline.dvc("repro")
+    assert "Running stage" not in again
+    assert "Data and pipelines are up to date" in again
+    assert "changed" not in pipeline.dvc("status")
+
+    _set_params(pipeline.root / "params.yaml", {"train": {"epochs": 3}})
+    changed = pipeline.dvc("repro")
+    for stage in ("download", "binarize"):
+        assert f"Running stage '{stage}'" not in changed
+    for stage in ("train", "evaluate", "visualize", "report"):
+        assert f"Running stage '{stage}'" in changed
+    assert pipeline.json("reports/metrics.json")["epochs"] == 3
+    assert "Data and pipelines are up to date" in pipeline.dvc("status")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **query: str) -> dict:
+    url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}" if query else f"{base}{endpoint}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(base: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(pipeline: Pipeline):
+    """The real MLflow server on 127.0.0.1 over the store the pipeline wrote."""
+    port = _free_port()
+    env = {**pipeline.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(pipeline.store.parent / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{pipeline.store}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=pipeline.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("MLflow server did not become healthy:\n"
+                                     + (pipeline.store.parent / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+        log.close()
+
+
+def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline, mlflow_server: str) -> None:
+    # The latest run is the one train_summary.json names (after the epochs change, if that ran).
+    experiment = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="vae-mnist")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [experiment_id], "order_by": ["attributes.start_time DESC"]})["runs"]
+    summary = pipeline.json("reports/train_summary.json")
+    latest = next(run for run in runs if run["info"]["run_id"] == summary["mlflow_run_id"])
+    assert latest["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in latest["data"]["params"]}
+    assert params["model.latent_dim"] == "2" and params["evaluate.importance_samples"] == "50"
+    metrics = {m["key"]: m["value"] for m in latest["data"]["metrics"]}
+    on_disk = pipeline.json("reports/metrics.json")
+    assert metrics["test_log_likelihood"] == pytest.approx(on_disk["test_log_likelihood"], abs=1e-3)
+
+    run_id = latest["info"]["run_id"]
+    history = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                   metric_key="valid_elbo")["metrics"]
+    epochs = on_disk["epochs"]
+    assert [point["step"] for point in sorted(history, key=lambda p: p["step"])] == [
+        2000 * (e + 1) for e in range(epochs)]
+    steps = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                 metric_key="train_elbo_step", max_results="100000")["metrics"]
+    assert len(steps) == epochs * 2000 // 100
+
+    artifacts = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="figures")
+    assert {Path(f["path"]).name for f in artifacts["files"]} >= {"samples.png", "manifold.png", "elbo_curves.png"}
+
+    versions = _get(mlflow_server, "/api/2.0/mlflow/model-versions/search", filter="name='vae-mnist'")
+    mine = [v for v in versions["model_versions"] if v["run_id"] == run_id]
+    assert len(mine) == 1
+    tags = {t["key"]: t["value"] for t in mine[0].get("tags", [])}
+    assert float(tags["test_log_likelihood"]) == pytest.approx(on_disk["test_log_likelihood"], abs=1e-3)
+    model = _get(mlflow_server, "/api/2.0/mlflow/registered-models/get", name="vae-mnist")
+    assert model["registered_model"]["name"] == "vae-mnist"
