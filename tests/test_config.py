@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from pathlib import Path
 
@@ -138,26 +139,24 @@ def test_params_are_frozen():
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
     message = config_error(tmp_path, "train:\n  epoch: 10\n")
-    assert "'epoch'" in message
-    assert "did you mean 'epochs'" in message
+    assert re.search(r"\bepoch\b", message)  # the key as written ("epochs" alone does not match)
+    assert "unknown key" in message and "did you mean 'epochs'" in message
     assert "allowed keys: optimizer, learning_rate, batch_size, epochs, seed, device, elbo_eval_size" in message
 
 
-@pytest.mark.xfail(strict=True, reason="an unknown key is reported as \"train.unknown key 'epoch'\": the section "
-                                       "prefix lands on the words, so the message never says train.epoch")
 def test_unknown_key_is_named_with_its_section(tmp_path):
     assert "train.epoch" in config_error(tmp_path, "train:\n  epoch: 10\n")
 
 
 def test_unknown_section(tmp_path):
     message = config_error(tmp_path, "trian:\n  epochs: 10\n")
-    assert "'trian'" in message and "did you mean 'train'" in message
-    assert "allowed keys: paths, data, model, train, evaluate, visualize" in message
+    assert "trian" in message and "unknown section" in message and "did you mean 'train'" in message
+    assert "allowed sections: paths, data, model, train, evaluate, visualize" in message
 
 
 def test_unknown_key_without_a_close_match(tmp_path):
     message = config_error(tmp_path, "model:\n  zzz: 1\n")
-    assert "'zzz'" in message and "did you mean" not in message and "latent_dim, hidden_dim" in message
+    assert "zzz" in message and "did you mean" not in message and "latent_dim, hidden_dim" in message
 
 
 @pytest.mark.parametrize(("line", "fragment"), [
@@ -190,12 +189,12 @@ def test_wrong_type_for_an_optional_integer(tmp_path):
     ("visualize", "samples_grid", 0),
 ])
 def test_non_positive_sizes(tmp_path, section, key, value):
-    assert f"{section}.{key} = {value!r}: expected a number > 0" in config_error(
+    assert f"{section}.{key} = {value!r}: expected a finite number > 0" in config_error(
         tmp_path, f"{section}:\n  {key}: {value}\n")
 
 
 def test_negative_seed(tmp_path):
-    assert "data.split_seed = -1: expected a number >= 0" in config_error(tmp_path, "data:\n  split_seed: -1\n")
+    assert "data.split_seed = -1: expected a finite number >= 0" in config_error(tmp_path, "data:\n  split_seed: -1\n")
 
 
 @pytest.mark.parametrize(("section", "key", "value", "allowed"), [
@@ -229,16 +228,12 @@ def test_several_problems_in_one_message(tmp_path):
     assert message.count("\n") >= 5
 
 
-@pytest.mark.xfail(strict=True, reason="within one section, a type error hides the range and choice checks: "
-                                       "train.optimizer = 'sgd' is not reported beside train.epochs = 'ten'")
 def test_type_error_and_bad_choice_in_one_section_both_reported(tmp_path):
     message = config_error(tmp_path, "train:\n  epochs: ten\n  optimizer: sgd\n")
     assert "train.epochs = 'ten'" in message and "train.optimizer = 'sgd'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="NaN passes the '> 0' check (which is written as 'reject <= 0'), so "
-                                       "learning_rate: .nan is accepted")
-@pytest.mark.parametrize("written", [".nan", "nan"])
+@pytest.mark.parametrize("written", [".nan", "nan", ".inf"])
 def test_nan_learning_rate_rejected(tmp_path, written):
     assert "train.learning_rate" in config_error(tmp_path, f"train:\n  learning_rate: {written}\n")
 

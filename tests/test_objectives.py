@@ -294,6 +294,17 @@ def test_elbo_equals_log_marginal_minus_kl_to_posterior(D: int, k: int) -> None:
     assert ((actual - expected).abs() < 5 * spread / math.sqrt(samples)).all()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: elbo(samples=0) averages an empty set of samples and returns NaN silently (samples < 0: "
+    "a RuntimeError from torch.randn), where importance_sampled_log_likelihood rejects "
+    "importance_samples < 1 with a ValueError"))
+@pytest.mark.parametrize("samples", [0, -1])
+def test_elbo_rejects_non_positive_samples(samples: int) -> None:
+    model, x = make_linear_gaussian(5, 2, examples=3)
+    with pytest.raises(ValueError, match="samples"):
+        elbo(model, x, samples=samples)
+
+
 @pytest.mark.parametrize(("D", "k"), DIMS)
 def test_iwae_with_wrong_posterior_converges_to_log_marginal(D: int, k: int) -> None:
     """L_5000 per example within 6 sqrt(chi^2/k) + chi^2/(2k) of log p(x).

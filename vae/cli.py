@@ -16,26 +16,26 @@ import sys
 from vae import __version__
 from vae.errors import ConfigError, VaeError
 
-STAGES = {
-    "download": ("vae.stages", "download",
+STAGES = {  # name: (module, function, summary for `vae --help`, description for `vae STAGE --help`)
+    "download": ("vae.stages", "download", "fetch and verify the dataset's files",
                  "Fetch the dataset's files into paths.raw/<dataset>, verified by the SHA-256 of their "
                  "uncompressed content. Sources: the upstream mirrors, or $VAE_DATA_MIRROR (a folder "
                  "or URL laid out as <mirror>/<dataset>/<file>) when set. Verified files are not "
                  "fetched again."),
-    "binarize": ("vae.stages", "binarize",
+    "binarize": ("vae.stages", "binarize", "parse, split and binarize",
                  "Parse the raw files and write train / valid / test splits to "
                  "paths.processed/<dataset> (50000 / 10000 / 10000 for MNIST; dynamic binarization: "
                  "train stays grey and is resampled per minibatch, valid and test are binarized once)."),
-    "train": ("vae.train", "run",
+    "train": ("vae.train", "run", "train the VAE on the ELBO",
               "Train the VAE (maximise the SGVB ELBO); write models/model.pt, the ELBO curves and "
               "train_summary.json; start the pipeline's MLflow run."),
-    "evaluate": ("vae.evaluate", "run",
+    "evaluate": ("vae.evaluate", "run", "importance-sampled test log-likelihood, ELBO, active units",
                  "Importance-sampled test log-likelihood L_k (k = evaluate.importance_samples), test "
                  "ELBO and active units into reports/metrics.json; register the model in MLflow."),
-    "visualize": ("vae.visualize", "run",
+    "visualize": ("vae.visualize", "run", "draw the figures",
                   "Figures: prior samples, reconstructions, latent space, the 2-D manifold "
                   "(latent_dim = 2) and the ELBO curves, into reports/figures."),
-    "report": ("vae.report", "run",
+    "report": ("vae.report", "run", "write the HTML and Markdown report",
                "reports/report.html (self-contained) and reports/report.md from the metrics and figures."),
 }
 
@@ -57,9 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="print per-epoch lines instead of progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, (_, _, text) in STAGES.items():
-        sub.add_parser(name, parents=[common], help=text.split(";")[0].split(". ")[0],
-                       description=text)
+    for name, (_, _, summary, text) in STAGES.items():
+        sub.add_parser(name, parents=[common], help=summary, description=text)
     return parser
 
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         from vae.config import load_params
 
         params = load_params(args.params)
-        module_name, function_name, _ = STAGES[args.stage]
+        module_name, function_name, _, _ = STAGES[args.stage]
         stage = getattr(importlib.import_module(module_name), function_name)
         stage(params, progress=progress)
     except ConfigError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,16 +28,19 @@ PROJECTIONS = ("pca", "tsne")
 
 
 def _positive(*names: str):
+    # Written as "not (x > 0)" so that NaN fails too; infinity is never a sensible setting.
     def check(self) -> list[str]:
-        return [f"{name} = {getattr(self, name)!r}: expected a number > 0"
-                for name in names if getattr(self, name) is not None and getattr(self, name) <= 0]
+        return [f"{name} = {getattr(self, name)!r}: expected a finite number > 0"
+                for name in names if getattr(self, name) is not None
+                and not (0 < getattr(self, name) < math.inf)]
     return check
 
 
 def _non_negative(*names: str):
     def check(self) -> list[str]:
-        return [f"{name} = {getattr(self, name)!r}: expected a number >= 0"
-                for name in names if getattr(self, name) is not None and getattr(self, name) < 0]
+        return [f"{name} = {getattr(self, name)!r}: expected a finite number >= 0"
+                for name in names if getattr(self, name) is not None
+                and not (0 <= getattr(self, name) < math.inf)]
     return check
 
 
@@ -228,10 +232,10 @@ def _coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
-def _unknown(key: str, known: list[str]) -> str:
+def _unknown(key: str, known: list[str], kind: str = "key") -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; allowed keys: {', '.join(known)}"
+    return f"{key}: unknown {kind}{hint}; allowed {kind}s: {', '.join(known)}"
 
 
 def _build_section(cls: type, section: str, raw: Any, source: str) -> Any:
@@ -251,12 +255,14 @@ def _build_section(cls: type, section: str, raw: Any, source: str) -> Any:
         if not _type_ok(value, hints[name]):
             problems.append(f"{name} = {value!r}: expected {_type_name(hints[name])}")
         values[name] = value
+    # Range and choice checks run on the well-typed values (defaults standing in for the
+    # others), so one message names every problem of the section.
+    bad_types = {p.split(" = ", 1)[0] for p in problems}
+    instance = cls(**{k: v for k, v in values.items() if k not in bad_types})
+    for check in getattr(cls, "_checks", ()):
+        problems.extend(p for p in check(instance) if p.split(" = ", 1)[0] not in bad_types)
     if not problems:
-        instance = cls(**values)
-        for check in getattr(cls, "_checks", ()):
-            problems.extend(check(instance))
-        if not problems:
-            return instance
+        return instance
     lines = "\n".join(f"  {section}.{p}" for p in problems)
     raise ConfigError(f"{source}: invalid parameters:\n{lines}")
 
@@ -274,7 +280,8 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     sections = {f.name: f for f in dataclasses.fields(Params)}
     unknown = [key for key in raw if key not in sections]
     if unknown:
-        raise ConfigError(f"{source}: " + "; ".join(_unknown(k, list(sections)) for k in unknown))
+        raise ConfigError(f"{source}: invalid parameters:\n"
+                          + "\n".join(f"  {_unknown(k, list(sections), 'section')}" for k in unknown))
     built = {}
     errors = []
     for name, section_field in sections.items():

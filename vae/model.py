@@ -15,7 +15,7 @@ from torch import nn
 
 from vae import objectives
 from vae.errors import CheckpointError
-from vae.io import atomic_path
+from vae.io import atomic_open
 
 CHECKPOINT_FORMAT = "vae-pipeline/checkpoint"
 CHECKPOINT_VERSION = 1
@@ -133,8 +133,8 @@ def save_checkpoint(model: VAE, path: str | Path, metadata: dict[str, Any] | Non
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                "model_config": model.config(), "state_dict": state, "metadata": metadata or {}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_open(path) as handle:  # a handle keeps the bytes deterministic
+        torch.save(payload, handle)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

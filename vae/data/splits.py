@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vae.errors import DataError
-from vae.io import atomic_path
+from vae.io import atomic_open
 
 SPLITS = ("train", "valid", "test")
 
@@ -49,10 +49,11 @@ class Split:
         return torch.bernoulli(images.to(dtype) / 255.0, generator=generator)
 
     def save(self, path: Path) -> None:
-        """Write the split atomically."""
-        with atomic_path(path) as tmp:
+        """Write the split atomically; the same split always gives the same bytes."""
+        # Saving to a handle (not a temporary *name*) keeps the archive's internal name fixed.
+        with atomic_open(path) as handle:
             torch.save({"images": self.images, "labels": self.labels, "binary": self.binary,
-                        "binarization": self.binarization}, tmp)
+                        "binarization": self.binarization}, handle)
 
 
 def load_split(path: str | Path) -> Split:
@@ -72,6 +73,8 @@ def load_split(path: str | Path) -> Split:
     if not isinstance(raw, dict) or not expected <= set(raw):
         raise DataError(f"{path}: not a processed split (expected keys {sorted(expected)})")
     images, labels = raw["images"], raw["labels"]
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise DataError(f"{path}: not a processed split (images and labels must be tensors)")
     if images.dtype != torch.uint8 or images.ndim != 2 or labels.shape != images.shape[:1]:
         raise DataError(f"{path}: expected uint8 images of shape (N, D) and N labels, "
                         f"got images {tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}")

@@ -1,0 +1,365 @@
+"""Tests of vae/model.py: the VAE's shapes and estimators, input validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae
+from vae import objectives
+from vae.errors import CheckpointError
+from vae.model import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    FLOAT_BYTES,
+    VAE,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+INPUT_DIM, HIDDEN_DIM, LATENT_DIM = 784, 32, 4
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_vae(seed: int = 0) -> VAE:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return VAE(INPUT_DIM, HIDDEN_DIM, LATENT_DIM)
+
+
+def binary_images(count: int, seed: int = 0) -> torch.Tensor:
+    return (torch.rand(count, INPUT_DIM, generator=generator(seed)) < 0.3).float()
+
+
+@pytest.fixture
+def model() -> VAE:
+    return make_vae()
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and estimators
+# --------------------------------------------------------------------------------------------
+
+
+def test_encode_and_decode_shapes(model: VAE) -> None:
+    mu, log_var = model.encode(binary_images(5))
+    assert mu.shape == log_var.shape == (5, LATENT_DIM)
+    assert model.decode(torch.zeros(5, LATENT_DIM)).shape == (5, INPUT_DIM)
+    assert model.decode(torch.zeros(3, 5, LATENT_DIM)).shape == (3, 5, INPUT_DIM)  # sample dim
+    assert model.decoder_log_prob(binary_images(5), torch.zeros(3, 5, LATENT_DIM)).shape == (3, 5)
+
+
+def test_elbo_is_finite_and_negative_for_binary_x(model: VAE) -> None:
+    values = model.elbo(binary_images(5), generator=generator(1))
+    assert values.shape == (5,)
+    assert torch.isfinite(values).all()
+    assert (values < 0).all()
+    assert model.elbo(binary_images(5), samples=3, generator=generator(1)).shape == (5,)
+
+
+def test_log_likelihood_shape(model: VAE) -> None:
+    values = model.log_likelihood(binary_images(5), importance_samples=7, generator=generator(2))
+    assert values.shape == (5,)
+    assert torch.isfinite(values).all()
+    assert (values < 0).all()
+
+
+def test_elbo_matches_its_definition(model: VAE) -> None:
+    """Estimator B with one sample: log p(x|z) - KL(q || p), z drawn from the same generator."""
+    x = binary_images(4)
+    mu, log_var = model.encode(x)
+    z = objectives.reparameterize(mu, log_var, 1, generator(3))
+    expected = objectives.bernoulli_log_prob(x, model.decode(z))[0] - objectives.gaussian_kl_divergence(mu, log_var)
+    torch.testing.assert_close(model.elbo(x, generator=generator(3)), expected)
+
+
+def test_single_sample_log_likelihood_equals_elbo_in_expectation(model: VAE) -> None:
+    """L_1 = ELBO in expectation: 16 images x 50 repeats, tolerance 5 SE of the per-row
+    difference (observed: -0.10 +- 0.22 nats)."""
+    x = binary_images(16).repeat(50, 1)
+    with torch.no_grad():
+        elbo = model.elbo(x, generator=generator(4))
+    l1 = model.log_likelihood(x, importance_samples=1, generator=generator(5))
+    diff = l1 - elbo
+    assert abs(float(diff.mean())) < 5 * float(diff.std()) / math.sqrt(len(diff))
+
+
+def test_importance_sampled_log_likelihood_exceeds_elbo(model: VAE) -> None:
+    """E[L_200] >= ELBO; observed L_200 - ELBO = 4.3 +- 0.17 nats (16 images x 50 repeats)."""
+    x = binary_images(16).repeat(50, 1)
+    with torch.no_grad():
+        elbo = model.elbo(x, generator=generator(6))
+    l200 = model.log_likelihood(x, importance_samples=200, generator=generator(7))
+    diff = l200 - elbo
+    assert float(diff.mean()) > 5 * float(diff.std()) / math.sqrt(len(diff))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_log_likelihood_runs_in_eval_mode_and_restores_the_flag(model: VAE, training: bool) -> None:
+    modes: list[bool] = []
+    model.encoder.register_forward_hook(lambda module, args, output: modes.append(module.training))
+    model.train(training)
+    model.log_likelihood(binary_images(3), importance_samples=4, generator=generator(8))
+    assert modes == [False]
+    assert model.training is training
+    assert all(module.training is training for module in model.modules())
+    with pytest.raises(ValueError):  # restored on errors, too
+        model.log_likelihood(binary_images(3), importance_samples=0)
+    assert model.training is training
+
+
+def test_log_likelihood_respects_the_memory_budget(model: VAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small budget splits the (example, sample) grid; no decoder call exceeds it."""
+    budget_mb = 0.2
+    max_pairs = model.pairs_for_budget(budget_mb)
+    assert max_pairs == 32  # 0.2 MiB / ((4 + 32 + 2 * 784) * 4 bytes)
+    pairs: list[int] = []
+    decoder_log_prob = model.decoder_log_prob
+
+    def recording(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        pairs.append(z.shape[0] * z.shape[1])
+        return decoder_log_prob(x, z)
+
+    monkeypatch.setattr(model, "decoder_log_prob", recording)
+    values = model.log_likelihood(binary_images(3), importance_samples=100, memory_budget_mb=budget_mb,
+                                  generator=generator(9))
+    assert values.shape == (3,)
+    assert torch.isfinite(values).all()
+    assert max(pairs) <= max_pairs
+    assert sum(pairs) == 3 * 100
+
+
+def test_log_likelihood_is_reproducible_with_a_generator(model: VAE) -> None:
+    x = binary_images(3)
+    first = model.log_likelihood(x, importance_samples=10, generator=generator(10))
+    again = model.log_likelihood(x, importance_samples=10, generator=generator(10))
+    other = model.log_likelihood(x, importance_samples=10, generator=generator(11))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "grey values": torch.full((2, INPUT_DIM), 0.5),
+    "wrong width": torch.zeros(2, INPUT_DIM - 1),
+    "integer dtype": torch.zeros(2, INPUT_DIM, dtype=torch.long),
+    "1-D": torch.zeros(INPUT_DIM),
+    "3-D": torch.zeros(1, 2, INPUT_DIM),
+    "NaN": torch.full((2, INPUT_DIM), math.nan),
+}
+
+
+@pytest.mark.parametrize("method", ["elbo", "log_likelihood"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_the_expectation(model: VAE, method: str, case: str) -> None:
+    with pytest.raises(ValueError, match=r"\(batch, 784\)|\{0, 1\}"):
+        getattr(model, method)(BAD_INPUTS[case])
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "bug: _check_input accepts any floating dtype, so float64 x passes validation and then "
+    "fails inside nn.Linear with a RuntimeError (dtype mismatch) instead of a ValueError"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_other_float_dtypes_are_converted_or_rejected_with_value_error(model: VAE, dtype: torch.dtype) -> None:
+    x = binary_images(3)
+    expected = model.elbo(x, generator=generator(12))
+    try:
+        actual = model.elbo(x.to(dtype), generator=generator(12))
+    except ValueError as error:
+        assert "dtype" in str(error) or str(dtype) in str(error)
+    else:
+        torch.testing.assert_close(actual.float(), expected, rtol=1e-3, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = make_vae(seed=1)
+    model.train()
+    path = tmp_path / "models" / "vae.pt"
+    save_checkpoint(model, path, metadata={"epochs": 3, "note": "test"})
+    assert sorted(os.listdir(path.parent)) == ["vae.pt"]  # no temporary file left behind
+
+    loaded = load_model(path)
+    assert isinstance(loaded, VAE)
+    assert not loaded.training
+    assert loaded.config() == model.config() == {"input_dim": INPUT_DIM, "hidden_dim": HIDDEN_DIM,
+                                                 "latent_dim": LATENT_DIM}
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    x = binary_images(4)
+    model.eval()
+    with torch.no_grad():
+        for a, b in zip(model.encode(x), loaded.encode(x)):
+            assert torch.equal(a, b)
+        assert torch.equal(model.elbo(x, generator=generator(13)), loaded.elbo(x, generator=generator(13)))
+    assert read_checkpoint(path)["metadata"] == {"epochs": 3, "note": "test"}
+
+
+def test_checkpoint_is_plain_tensors_and_values(tmp_path: Path) -> None:
+    path = tmp_path / "vae.pt"
+    save_checkpoint(make_vae(), path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == CHECKPOINT_FORMAT
+    assert payload["format_version"] == CHECKPOINT_VERSION
+    assert payload["model_config"] == {"input_dim": INPUT_DIM, "hidden_dim": HIDDEN_DIM, "latent_dim": LATENT_DIM}
+    assert payload["metadata"] == {}
+    assert all(t.device.type == "cpu" for t in payload["state_dict"].values())
+
+
+@pytest.fixture
+def checkpoint_payload(tmp_path: Path) -> dict:
+    path = tmp_path / "good.pt"
+    save_checkpoint(make_vae(), path)
+    return torch.load(path, weights_only=True)
+
+
+def _save(payload: object, path: Path) -> Path:
+    torch.save(payload, path)
+    return path
+
+
+def _assert_refused(path: Path, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_model_refuses_a_missing_file(tmp_path: Path) -> None:
+    _assert_refused(tmp_path / "absent.pt", "not found")
+    _assert_refused(tmp_path, "not found")  # a directory is not a checkpoint file
+
+
+def test_load_model_refuses_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "noise.pt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=generator(14), dtype=torch.uint8).numpy().tobytes())
+    _assert_refused(path, "not a checkpoint")
+
+
+def test_load_model_refuses_a_dict_without_the_format_marker(tmp_path: Path, checkpoint_payload: dict) -> None:
+    _assert_refused(_save(checkpoint_payload["state_dict"], tmp_path / "bare_state_dict.pt"), "format")
+    del checkpoint_payload["format"]
+    _assert_refused(_save(checkpoint_payload, tmp_path / "no_marker.pt"), "format")
+    _assert_refused(_save([1, 2, 3], tmp_path / "list.pt"), "format")
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_load_model_refuses_a_wrong_format_version(tmp_path: Path, checkpoint_payload: dict, version: object) -> None:
+    checkpoint_payload["format_version"] = version
+    _assert_refused(_save(checkpoint_payload, tmp_path / "version.pt"), "version")
+
+
+@pytest.mark.parametrize("damage", [
+    "hidden_dim mismatch", "latent_dim mismatch", "missing weight", "extra weight",
+    "unknown config key", "no model_config", "no state_dict",
+])
+def test_load_model_refuses_weights_that_do_not_fit_the_config(tmp_path: Path, checkpoint_payload: dict,
+                                                                damage: str) -> None:
+    config, state = checkpoint_payload["model_config"], checkpoint_payload["state_dict"]
+    if damage == "hidden_dim mismatch":
+        config["hidden_dim"] = HIDDEN_DIM + 1
+    elif damage == "latent_dim mismatch":
+        config["latent_dim"] = LATENT_DIM - 1
+    elif damage == "missing weight":
+        del state["decoder.0.weight"]
+    elif damage == "extra weight":
+        state["decoder.9.weight"] = torch.zeros(1)
+    elif damage == "unknown config key":
+        config["depth"] = 2
+    elif damage == "no model_config":
+        del checkpoint_payload["model_config"]
+    else:
+        del checkpoint_payload["state_dict"]
+    _assert_refused(_save(checkpoint_payload, tmp_path / "damaged.pt"), "damaged")
+
+
+class PlainObject:
+    """A harmless custom class: not a tensor, not a plain value."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+class FileCreator:
+    """Unpickling this calls open(path, 'w'), creating ``path``: code execution on load."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def test_load_model_refuses_a_custom_class_instance(tmp_path: Path, checkpoint_payload: dict) -> None:
+    checkpoint_payload["metadata"] = {"object": PlainObject()}
+    _assert_refused(_save(checkpoint_payload, tmp_path / "object.pt"), "weights_only")
+    _assert_refused(_save(PlainObject(), tmp_path / "bare_object.pt"), "weights_only")
+
+
+def test_load_model_executes_nothing_from_a_malicious_pickle(tmp_path: Path, checkpoint_payload: dict) -> None:
+    """A checkpoint that is valid apart from a payload that creates a file when unpickled."""
+    marker = tmp_path / "pwned"
+    checkpoint_payload["metadata"] = {"payload": FileCreator(marker)}
+    path = _save(checkpoint_payload, tmp_path / "malicious.pt")
+    _assert_refused(path, "weights_only")
+    assert not marker.exists()
+
+    # The payload is live: an unsafe load of the same bytes does create its marker.
+    control = tmp_path / "control"
+    unsafe = pickle.dumps({"payload": FileCreator(control)})
+    pickle.loads(unsafe)["payload"].close()
+    assert control.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The package and the memory budget
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_model_is_exported_from_the_package() -> None:
+    assert vae.load_model is load_model
+    assert "load_model" in vae.__all__
+    with pytest.raises(AttributeError):
+        vae.no_such_attribute  # noqa: B018
+
+
+def test_importing_vae_does_not_import_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, vae; print('torch' in sys.modules)"],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT, timeout=60,
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_pairs_for_budget_is_linear_in_the_budget(model: VAE) -> None:
+    per_pair = (LATENT_DIM + HIDDEN_DIM + 2 * INPUT_DIM) * FLOAT_BYTES
+    for budget_mb in (1, 3.5, 256, 4096):
+        assert model.pairs_for_budget(budget_mb) == int(budget_mb * 2**20 // per_pair)
+    base = model.pairs_for_budget(64)
+    for factor in (2, 10, 100):
+        assert abs(model.pairs_for_budget(64 * factor) - factor * base) <= factor
+
+
+@pytest.mark.parametrize("budget_mb", [0, 1e-9, 1e-3])
+def test_pairs_for_budget_is_at_least_one(model: VAE, budget_mb: float) -> None:
+    assert model.pairs_for_budget(budget_mb) == 1
