@@ -44,13 +44,15 @@ class VAE(nn.Module):
         """The constructor arguments, as stored in checkpoints."""
         return {"input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "latent_dim": self.latent_dim}
 
-    def _check_input(self, x: torch.Tensor, binary: bool = True) -> None:
+    def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate x and return it in the parameters' dtype (0 and 1 are exact in any float type)."""
         if not torch.is_floating_point(x) or x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"x: expected a float tensor of shape (batch, {self.input_dim}), "
                              f"got {x.dtype} {tuple(x.shape)}")
-        if binary and not bool(((x == 0) | (x == 1)).all()):
+        if not bool(((x == 0) | (x == 1)).all()):
             raise ValueError("x: expected values in {0, 1} (binarize grey images first; a Bernoulli "
                              "likelihood of grey values is not a likelihood)")
+        return x.to(self.encoder[0].weight.dtype)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) parameters: x (batch, D) float -> (mu, log_var), each (batch, latent_dim)."""
@@ -83,10 +85,10 @@ class VAE(nn.Module):
         Returns:
             (batch,) float, nats per example (negative; higher is better).
         Raises:
-            ValueError: x has the wrong shape or dtype, or non-binary values.
+            ValueError: x is not a float tensor of shape (batch, D), has non-binary values, or
+                ``samples < 1``. Other float dtypes are converted to the model's.
         """
-        self._check_input(x)
-        return objectives.elbo(self, x, samples, generator)
+        return objectives.elbo(self, self._checked_input(x), samples, generator)
 
     def log_likelihood(self, x: torch.Tensor, importance_samples: int = 5000,
                        memory_budget_mb: float = 256, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -101,7 +103,7 @@ class VAE(nn.Module):
         Raises:
             ValueError: bad input, or importance_samples < 1.
         """
-        self._check_input(x)
+        x = self._checked_input(x)
         was_training = self.training
         self.eval()
         try:

@@ -78,7 +78,12 @@ def elbo(model: LatentVariableModel, x: torch.Tensor, samples: int = 1,
 
     ELBO(x) ~= (1/L) sum_l log p(x|z_l) - KL(q(z|x) || p(z)), z_l ~ q(z|x), with the KL analytic.
     Shapes: x (batch, D) -> (batch,); nats per example. Its expectation is <= log p(x).
+
+    Raises:
+        ValueError: ``samples < 1``.
     """
+    if samples < 1:
+        raise ValueError(f"samples = {samples}: expected an integer >= 1")
     mu, log_var = model.encode(x)
     z = reparameterize(mu, log_var, samples, generator)
     return model.decoder_log_prob(x, z).mean(0) - gaussian_kl_divergence(mu, log_var)
@@ -154,6 +159,9 @@ def importance_sampled_log_likelihood(
         raise ValueError(f"importance_samples = {importance_samples}: expected an integer >= 1")
     if x.ndim != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}: expected (examples, dimensions)")
+    if len(x) == 0:
+        empty = x.new_empty(0)
+        return LogLikelihoodEstimate(empty, empty.clone())
     examples_per_chunk, samples_per_chunk = chunk_shape(len(x), importance_samples, max_pairs)
     log_likelihoods, elbos = [], []
     for start in range(0, len(x), examples_per_chunk):
