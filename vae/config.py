@@ -136,7 +136,7 @@ class TrainConfig:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     batch_size: int = 100
-    epochs: int = 20
+    epochs: int = 30
     seed: int = 0
     device: str = "auto"
     elbo_eval_size: int = 10000

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -113,6 +114,9 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
     axes.plot(epochs["examples_seen"], epochs["train_elbo"], "o-", color="C0", ms=3, label="train")
     axes.plot(epochs["examples_seen"], epochs["valid_elbo"], "s--", color="C1", ms=3, label="validation")
     axes.set_xscale("log")
+    # Start at the decade of the first epoch: earlier minibatch points are far below the y-range.
+    first = float(epochs["examples_seen"].iloc[0])
+    axes.set_xlim(left=10 ** math.floor(math.log10(first)), right=float(epochs["examples_seen"].iloc[-1]) * 1.5)
     axes.set_xlabel("training examples evaluated")
     axes.set_ylabel("ELBO (nats per example)")
     low = min(epochs["train_elbo"].min(), epochs["valid_elbo"].min())
@@ -120,7 +124,7 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
     margin = max(5.0, 0.1 * (high - low))
     axes.set_ylim(low - margin, high + margin)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(loc="lower right")
     axes.set_title("Lower bound during training (cf. AEVB Fig. 2)", fontsize=10)
     _save_figure(figure, path)
 
