@@ -87,7 +87,8 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
             figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
                             "data": base64.b64encode(path.read_bytes()).decode("ascii")})
     provenance = [
-        ("git commit", tracking.git_commit() or "not a git work tree"),
+        ("git commit", (tracking.git_commit() or "not a git work tree")
+         + (" + uncommitted changes" if tracking.git_dirty() else "")),
         ("MLflow run", summary.get("mlflow_run_id") or "not tracked"),
         ("reproduce", "dvc repro  (after git checkout of the commit above)"),
     ]

@@ -35,13 +35,22 @@ def enabled() -> bool:
     return os.environ.get(TRACKING_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
-def git_commit() -> str | None:
-    """The repository's HEAD commit, or None outside a git work tree."""
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, or None outside a git work tree."""
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_dirty() -> bool:
+    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 class Tracker:

@@ -30,12 +30,14 @@ from vae.io import atomic_path, read_json  # noqa: E402
 from vae.model import VAE, load_model  # noqa: E402
 
 DPI = 200
+GRID_SCALE = 4  # image grids are upscaled (nearest neighbour) so each pixel stays sharp in print
 IMAGE_SHAPE = {"mnist": (28, 28)}
 
 
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
-    """Save (N, D) images in [0, 1] as one PNG grid (torchvision), atomically."""
+    """Save (N, D) images in [0, 1] as one PNG grid (torchvision), upscaled, atomically."""
     grid = make_grid(images.reshape(-1, 1, *shape).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0]
     with atomic_path(path) as tmp:
         save_image(grid, tmp, format="png")
 
@@ -110,7 +112,7 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
         window = max(1, min(100, len(steps) // 20))
         smooth = steps["train_elbo"].rolling(window, min_periods=1).mean()
         axes.plot(steps["examples_seen"], smooth, color="0.7", lw=0.8,
-                  label=f"train, minibatch estimates (moving mean of {window})")
+                  label=f"train, minibatch (mean of {window})")
     axes.plot(epochs["examples_seen"], epochs["train_elbo"], "o-", color="C0", ms=3, label="train")
     axes.plot(epochs["examples_seen"], epochs["valid_elbo"], "s--", color="C1", ms=3, label="validation")
     axes.set_xscale("log")
