@@ -61,8 +61,9 @@ def test_repository_params_set_every_key():
 
 
 def test_flat_keys():
-    flat = Params().flat()
-    assert flat["train.epochs"] == 20
+    params = Params(train=TrainConfig(epochs=7))
+    flat = params.flat()
+    assert flat["train.epochs"] == 7
     assert flat["train.learning_rate"] == 0.001
     assert flat["data.train_subset"] is None
     assert flat["paths.raw"] == "data/raw"
