@@ -263,7 +263,7 @@ def test_exact_posterior_gives_constant_weights_equal_to_log_marginal(D: int, k:
     model, x = make_linear_gaussian(D, k, examples=8, seed=D)
     log_px = model.log_marginal(x)
     for samples in (1, 7):
-        estimate = importance_sampled_log_likelihood(model, x, samples, generator=generator(9))
+        estimate = importance_sampled_log_likelihood(model, x, samples, seed=9)
         torch.testing.assert_close(estimate.log_likelihood, log_px, rtol=0, atol=1e-6)
     mu, log_var = model.encode(x)
     log_w, _ = log_importance_weights(model, x, mu, log_var, 20, generator(10))
@@ -314,7 +314,7 @@ def test_iwae_with_wrong_posterior_converges_to_log_marginal(D: int, k: int) -> 
     """
     model, x = make_linear_gaussian(D, k, examples=8, seed=D, shift=WRONG_SHIFT, inflate=WRONG_INFLATE)
     samples = 5000
-    estimate = importance_sampled_log_likelihood(model, x, samples, generator=generator(15))
+    estimate = importance_sampled_log_likelihood(model, x, samples, seed=15)
     chi2 = model.chi_square(x)
     tolerance = 6 * (chi2 / samples).sqrt() + chi2 / (2 * samples)
     assert (tolerance < 1.0).all()
@@ -334,10 +334,9 @@ def test_iwae_gap_shrinks_as_k_grows(D: int, k: int) -> None:
     repeats = 20
     x = x.repeat(repeats, 1)
     log_px = model.log_marginal(x)
-    g = generator(16)
     gap, se = {}, {}
     for samples in (1, 10, 1000):
-        diff = log_px - importance_sampled_log_likelihood(model, x, samples, generator=g).log_likelihood
+        diff = log_px - importance_sampled_log_likelihood(model, x, samples, seed=16).log_likelihood
         gap[samples], se[samples] = float(diff.mean()), standard_error(diff)
     kl = float(model.kl_to_posterior(x).mean())
     assert abs(gap[1] - kl) < 5 * se[1]
@@ -363,10 +362,9 @@ def test_elbo_below_iwae_and_iwae_increasing_in_k(D: int, k: int) -> None:
     x = x.repeat(repeats, 1)
     log_px = model.log_marginal(x)
     kl = float(model.kl_to_posterior(x).mean())
-    g = generator(17)
     gap, gap_se = {}, {}
     for samples in (1, 5, 50, 500):
-        estimate = importance_sampled_log_likelihood(model, x, samples, generator=g)
+        estimate = importance_sampled_log_likelihood(model, x, samples, seed=17)
         diff = log_px - estimate.log_likelihood
         gap[samples], gap_se[samples] = float(diff.mean()), standard_error(diff)
         # The estimate's ELBO is estimator B over the same k draws: unbiased for the true ELBO.
@@ -407,9 +405,9 @@ def test_chunked_estimate_agrees_with_single_chunk(D: int, k: int) -> None:
     chi2 = model.chi_square(x)
     tolerance = 6 * (chi2 / samples).sqrt() + chi2 / (2 * samples)
     recorder = ChunkRecorder(model)
-    chunked = importance_sampled_log_likelihood(recorder, x, samples, max_pairs=64, generator=generator(18))
+    chunked = importance_sampled_log_likelihood(recorder, x, samples, max_pairs=64, seed=18)
     assert recorder.calls == ([(64, 1)] * 15 + [(40, 1)]) * 6
-    whole = importance_sampled_log_likelihood(model, x, samples, generator=generator(19))
+    whole = importance_sampled_log_likelihood(model, x, samples, seed=19)
     assert ((chunked.log_likelihood - log_px).abs() < tolerance).all()
     assert ((whole.log_likelihood - log_px).abs() < tolerance).all()
     assert float((chunked.log_likelihood - whole.log_likelihood).abs().max()) < float(tolerance.max())
@@ -428,7 +426,7 @@ def test_chunked_iwae_spread_matches_delta_method(D: int, k: int) -> None:
     inflate the spread (all but the last chunk lost: 5x) and bias the mean by log(k/k_used)."""
     model, x = make_linear_gaussian(D, k, examples=200, seed=D + 1, shift=WRONG_SHIFT, inflate=WRONG_INFLATE)
     samples = 1000
-    estimate = importance_sampled_log_likelihood(model, x, samples, max_pairs=128, generator=generator(25))
+    estimate = importance_sampled_log_likelihood(model, x, samples, max_pairs=128, seed=25)
     diff = estimate.log_likelihood - model.log_marginal(x)
     sd = float(model.chi_square(x[:1]).div(samples).sqrt())
     assert 0.75 < float(diff.std()) / sd < 1.25
@@ -443,7 +441,7 @@ def test_chunking_with_exact_posterior_is_exact(max_pairs: int) -> None:
     recorder = ChunkRecorder(model)
     finished: list[int] = []
     estimate = importance_sampled_log_likelihood(recorder, x, samples, max_pairs=max_pairs,
-                                                 generator=generator(21), on_chunk=finished.append)
+                                                 seed=21, on_chunk=finished.append)
     torch.testing.assert_close(estimate.log_likelihood, model.log_marginal(x), rtol=0, atol=1e-6)
     assert estimate.log_likelihood.shape == estimate.elbo.shape == (8,)
     assert sum(finished) == 8
@@ -453,9 +451,9 @@ def test_chunking_with_exact_posterior_is_exact(max_pairs: int) -> None:
 
 def test_importance_sampled_log_likelihood_is_reproducible_with_a_generator() -> None:
     model, x = make_linear_gaussian(5, 2, examples=4, shift=WRONG_SHIFT, inflate=WRONG_INFLATE)
-    first = importance_sampled_log_likelihood(model, x, 10, generator=generator(22))
-    again = importance_sampled_log_likelihood(model, x, 10, generator=generator(22))
-    other = importance_sampled_log_likelihood(model, x, 10, generator=generator(23))
+    first = importance_sampled_log_likelihood(model, x, 10, seed=22)
+    again = importance_sampled_log_likelihood(model, x, 10, seed=22)
+    other = importance_sampled_log_likelihood(model, x, 10, seed=23)
     assert torch.equal(first.log_likelihood, again.log_likelihood)
     assert torch.equal(first.elbo, again.elbo)
     assert not torch.equal(first.log_likelihood, other.log_likelihood)

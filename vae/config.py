@@ -85,6 +85,14 @@ class PathsConfig:
         return Path(self.reports) / "active_units.json"
 
     @property
+    def bound_curve(self) -> Path:
+        return Path(self.reports) / "bound_curve.csv"
+
+    @property
+    def per_example(self) -> Path:
+        return Path(self.reports) / "log_likelihood_per_example.csv"
+
+    @property
     def elbo_curve(self) -> Path:
         return Path(self.reports) / "elbo_curve.csv"
 
@@ -146,22 +154,40 @@ class TrainConfig:
                _non_negative("seed"))
 
 
+def _positive_items(name: str):
+    def check(self) -> list[str]:
+        value = getattr(self, name)
+        return [] if all(item > 0 for item in value) else [f"{name} = {value!r}: expected integers > 0"]
+    return check
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Importance-sampled log-likelihood (stage ``evaluate``; IWAE, Burda et al. 2016, Eq. 8).
 
-    ``memory_budget_mb`` bounds the working memory of one (examples x samples) chunk.
+    ``memory_budget_mb`` bounds the working memory of one (examples x samples) chunk; 16 MB keeps
+    a chunk in a CPU's caches (on a GPU, 1024 or more runs faster). ``bound_curve`` lists the k
+    at which L_k is also reported (values above ``importance_samples`` are dropped, and
+    ``importance_samples`` itself is always included). ``train_examples`` training images
+    (null = all) get the same estimate, so that overfitting shows as a number.
     """
 
     importance_samples: int = 1000
-    memory_budget_mb: int = 64
+    bound_curve: list[int] = field(default_factory=lambda: [1, 5, 50, 500, 5000])
+    train_examples: int | None = 2000
+    memory_budget_mb: float = 16
     seed: int = 0
     device: str = "auto"
     active_unit_threshold: float = 0.01
 
     _checks = (_choice("device", DEVICES),
-               _positive("importance_samples", "memory_budget_mb", "active_unit_threshold"),
-               _non_negative("seed"))
+               _positive("importance_samples", "train_examples", "memory_budget_mb", "active_unit_threshold"),
+               _positive_items("bound_curve"), _non_negative("seed"))
+
+    @property
+    def curve(self) -> list[int]:
+        """The k of the bound-tightness curve: ``bound_curve`` values <= k, and k itself."""
+        return sorted({k for k in self.bound_curve if k <= self.importance_samples} | {self.importance_samples})
 
 
 @dataclass(frozen=True)
@@ -202,6 +228,9 @@ class Params:
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
@@ -214,6 +243,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
     return {type(None): "null", int: "an integer", float: "a number", str: "a string"}.get(

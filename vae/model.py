@@ -69,8 +69,19 @@ class VAE(nn.Module):
         return objectives.reparameterize(mu, log_var, samples, generator)
 
     def decoder_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) summed over pixels: x (batch, D), z (..., batch, latent_dim) -> (..., batch), nats."""
-        return objectives.bernoulli_log_prob(x, self.decode(z))
+        """log p(x|z) summed over pixels: x (batch, D), z (..., batch, latent_dim) -> (..., batch), nats.
+
+        Without autograd (evaluation) it takes a fused path: in-place activations and
+        :func:`vae.objectives.bernoulli_log_prob_`, which reads each logit from cache a few
+        times instead of from memory, the difference being float rounding (about 1e-4 nats).
+        """
+        if torch.is_grad_enabled():
+            return objectives.bernoulli_log_prob(x, self.decode(z))
+        first, last = self.decoder[0], self.decoder[2]
+        hidden = torch.addmm(first.bias, z.reshape(-1, self.latent_dim), first.weight.t())
+        hidden.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(h) = 2 sigmoid(2h) - 1, vectorised
+        logits = torch.addmm(last.bias, hidden, last.weight.t()).view(*z.shape[:-1], self.input_dim)
+        return objectives.bernoulli_log_prob_(x, logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample ELBO per example (the training objective, unchecked input), nats."""
@@ -91,13 +102,15 @@ class VAE(nn.Module):
         return objectives.elbo(self, self._checked_input(x), samples, generator)
 
     def log_likelihood(self, x: torch.Tensor, importance_samples: int = 5000,
-                       memory_budget_mb: float = 256, generator: torch.Generator | None = None) -> torch.Tensor:
+                       memory_budget_mb: float = 16, seed: int = 0) -> torch.Tensor:
         """Importance-sampled log p(x), L_k (Burda et al. 2016, Eq. 8), per example.
 
         Args:
             x: (batch, D) float tensor with values in {0, 1}.
             importance_samples: k; the field reports k = 5000.
-            memory_budget_mb: bound on the working memory of one chunk of (example, sample) pairs.
+            memory_budget_mb: bound on the working memory of one chunk of (example, sample) pairs
+                (16 MB suits CPU caches; on a GPU, larger chunks run faster).
+            seed: seeds one random stream per example; the result does not depend on batching.
         Returns:
             (batch,) float, nats per example.
         Raises:
@@ -108,7 +121,7 @@ class VAE(nn.Module):
         self.eval()
         try:
             estimate = objectives.importance_sampled_log_likelihood(
-                self, x, importance_samples, self.pairs_for_budget(memory_budget_mb), generator)
+                self, x, importance_samples, self.pairs_for_budget(memory_budget_mb), seed)
         finally:
             self.train(was_training)
         return estimate.log_likelihood
@@ -116,10 +129,10 @@ class VAE(nn.Module):
     def pairs_for_budget(self, memory_budget_mb: float) -> int:
         """How many (example, sample) pairs fit in ``memory_budget_mb`` of decoder activations.
 
-        Per pair the decoder holds z, its hidden layer, the logits and their softplus, plus the
-        log-density terms: about (latent + hidden + 2 D) floats.
+        Per pair the evaluation holds the noise and z, the decoder's hidden layer and the logits
+        (overwritten in place by the log-likelihood): about (2 latent + hidden + D) floats.
         """
-        per_pair = (self.latent_dim + self.hidden_dim + 2 * self.input_dim) * FLOAT_BYTES
+        per_pair = (2 * self.latent_dim + self.hidden_dim + self.input_dim) * FLOAT_BYTES
         return max(1, int(memory_budget_mb * 2**20 // per_pair))
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ decoder and the linear-Gaussian model the tests check against in closed form.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,16 +102,38 @@ def log_importance_weights(model: LatentVariableModel, x: torch.Tensor, mu: torc
     return log_w, log_px_given_z
 
 
+LOG_SIGMOID_FLOOR = -80.0  # below this, log sigmoid(t) = t to float precision (e^-80 ~ 1e-35)
+
+
+@torch.no_grad()
+def bernoulli_log_prob_(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`bernoulli_log_prob` for evaluation: same value, about 2.5x faster, **overwrites** ``logits``.
+
+    sum_d log sigmoid(s_d l_d), s_d = 2 x_d - 1, computed as
+    log sigmoid(max(t, -80)) + (t - max(t, -80)): sigmoid and log are vectorised kernels while
+    softplus and log1p are not, and the clamp keeps it finite for any logit (exact to float
+    rounding, about 1e-7 nats per pixel). No autograd: use it under ``torch.no_grad()``.
+    Shapes: x (batch, D), logits (..., batch, D) -> (..., batch); nats.
+    """
+    t = logits.mul_(2.0 * x - 1.0)
+    below_floor = t.sum(-1)
+    t.clamp_(min=LOG_SIGMOID_FLOOR)
+    below_floor -= t.sum(-1)
+    return t.sigmoid_().log_().sum(-1) + below_floor
+
+
 @dataclass(frozen=True)
 class LogLikelihoodEstimate:
     """Per-example results of :func:`importance_sampled_log_likelihood`, each (N,) float, nats.
 
     ``log_likelihood`` is L_k; ``elbo`` is estimator B (analytic KL) averaged over the same k
-    samples, so ``log_likelihood >= elbo - O(1/sqrt(k))`` and L_1 equals the ELBO in expectation.
+    samples, so L_1 equals the ELBO in expectation; ``curve`` maps each requested k' <= k to
+    L_k' computed from the first k' of the same samples (the bound-tightness curve).
     """
 
     log_likelihood: torch.Tensor
     elbo: torch.Tensor
+    curve: dict[int, torch.Tensor]
 
 
 def chunk_shape(examples: int, importance_samples: int, max_pairs: int) -> tuple[int, int]:
@@ -123,13 +145,40 @@ def chunk_shape(examples: int, importance_samples: int, max_pairs: int) -> tuple
     return 1, max_pairs
 
 
+class NoiseStream:
+    """The standard-normal noise of one example: its own generator, drawn in fixed blocks.
+
+    One stream per example, so that no chunking of the (examples x samples) grid changes which
+    noise an example's samples get; fixed-size draws because torch's ``randn`` consumes its
+    generator differently for different sizes. Noise is float32 whatever the model's dtype, so a
+    float64 evaluation sees exactly the draws of a float32 one. torch's CPU generator keeps only
+    the low 32 bits of a seed, so seed and index are mixed within 32 bits (golden-ratio multiplier).
+    """
+
+    BLOCK = 64  # samples per draw
+
+    def __init__(self, seed: int, index: int, latent_dim: int, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + index) % 2**32)
+        self.latent_dim, self.device = latent_dim, device
+        self.buffer = torch.empty(0, latent_dim, device=device)
+
+    def take(self, samples: int) -> torch.Tensor:
+        """The next ``samples`` rows of the stream: (samples, latent_dim) float32."""
+        while len(self.buffer) < samples:
+            block = torch.randn(self.BLOCK, self.latent_dim, generator=self.generator, device=self.device)
+            self.buffer = torch.cat([self.buffer, block])
+        rows, self.buffer = self.buffer[:samples], self.buffer[samples:]
+        return rows
+
+
 @torch.no_grad()
 def importance_sampled_log_likelihood(
     model: LatentVariableModel,
     x: torch.Tensor,
     importance_samples: int,
-    max_pairs: int = 65536,
-    generator: torch.Generator | None = None,
+    max_pairs: int = 4096,
+    seed: int = 0,
+    curve: Sequence[int] = (),
     on_chunk: Callable[[int], None] | None = None,
 ) -> LogLikelihoodEstimate:
     """Importance-sampled log-likelihood L_k per example (Burda et al. 2016, Eq. 8).
@@ -139,46 +188,67 @@ def importance_sampled_log_likelihood(
 
     The (examples x samples) grid is processed in chunks of at most ``max_pairs`` pairs with a
     streaming log-sum-exp (``logaddexp`` of chunk results), so memory stays bounded for any k.
+    Example i draws its noise from its own stream (:class:`NoiseStream`), so the result
+    depends on ``seed``, the data and each example's position in ``x``, not on ``max_pairs``
+    (how many examples and samples share a chunk). The first k' samples of a run with k are
+    those of a run with k', so ``curve[k']`` equals a separate L_k' evaluation.
 
     Args:
         model: a :class:`LatentVariableModel`.
         x: (N, D) float data.
         importance_samples: k >= 1.
-        max_pairs: bound on examples x samples per chunk (working memory ~ max_pairs x the
-            decoder's per-sample activations).
-        generator: source of randomness (on ``x.device``) for reproducible estimates.
+        max_pairs: bound on examples x samples per chunk; working memory is about
+            ``max_pairs`` x the decoder's activations per sample.
+        seed: seeds the per-example streams.
+        curve: values k' in [1, k] at which L_k' is also reported (from the first k' samples).
         on_chunk: called with the number of examples finished after each block of examples.
 
     Returns:
         :class:`LogLikelihoodEstimate` with (N,) tensors, nats per example.
 
     Raises:
-        ValueError: ``importance_samples < 1`` or ``x`` is not 2-D.
+        ValueError: ``importance_samples < 1``, a ``curve`` value outside [1, k], or ``x`` not 2-D.
     """
     if importance_samples < 1:
         raise ValueError(f"importance_samples = {importance_samples}: expected an integer >= 1")
     if x.ndim != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}: expected (examples, dimensions)")
+    curve = sorted(set(curve))
+    if curve and (curve[0] < 1 or curve[-1] > importance_samples):
+        raise ValueError(f"curve = {curve}: expected values between 1 and importance_samples = "
+                         f"{importance_samples}")
     if len(x) == 0:
         empty = x.new_empty(0)
-        return LogLikelihoodEstimate(empty, empty.clone())
+        return LogLikelihoodEstimate(empty, empty.clone(), {k: empty.clone() for k in curve})
     examples_per_chunk, samples_per_chunk = chunk_shape(len(x), importance_samples, max_pairs)
     log_likelihoods, elbos = [], []
+    curves: dict[int, list[torch.Tensor]] = {k: [] for k in curve}
     for start in range(0, len(x), examples_per_chunk):
         batch = x[start : start + examples_per_chunk]
         mu, log_var = model.encode(batch)
+        std = torch.exp(0.5 * log_var)
+        streams = [NoiseStream(seed, start + i, mu.shape[1], x.device) for i in range(len(batch))]
         log_sum_w = torch.full((len(batch),), -math.inf, device=x.device, dtype=mu.dtype)
         sum_log_px = torch.zeros(len(batch), device=x.device, dtype=mu.dtype)
         for done in range(0, importance_samples, samples_per_chunk):
             samples = min(samples_per_chunk, importance_samples - done)
-            log_w, log_px_given_z = log_importance_weights(model, batch, mu, log_var, samples, generator)
+            eps = torch.stack([stream.take(samples) for stream in streams], dim=1).to(mu.dtype)
+            z = mu + std * eps
+            log_px_given_z = model.decoder_log_prob(batch, z)
+            # log p(z) - log q(z|x) with (z - mu) / std = eps: no division, no second pass over z.
+            log_w = log_px_given_z - 0.5 * z.pow(2).sum(-1) + 0.5 * eps.pow(2).sum(-1) + 0.5 * log_var.sum(-1)
+            for k in curve:
+                if done < k <= done + samples:
+                    partial = torch.logaddexp(log_sum_w, torch.logsumexp(log_w[: k - done], dim=0))
+                    curves[k].append(partial - math.log(k))
             log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
             sum_log_px += log_px_given_z.sum(0)
         log_likelihoods.append(log_sum_w - math.log(importance_samples))
         elbos.append(sum_log_px / importance_samples - gaussian_kl_divergence(mu, log_var))
         if on_chunk is not None:
             on_chunk(len(batch))
-    return LogLikelihoodEstimate(torch.cat(log_likelihoods), torch.cat(elbos))
+    return LogLikelihoodEstimate(torch.cat(log_likelihoods), torch.cat(elbos),
+                                 {k: torch.cat(values) for k, values in curves.items()})
 
 
 def active_units(mu: torch.Tensor, threshold: float = 1e-2) -> tuple[int, torch.Tensor]:

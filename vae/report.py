@@ -25,6 +25,11 @@ FIGURES = (
     ("elbo_curves", "ELBO during training",
      "Train and validation ELBO against the number of training examples evaluated (log axis), "
      "as in AEVB Figure 2; grey: moving mean of the minibatch estimates."),
+    ("bound_curve", "Bound tightness",
+     "L_k against the number of importance samples k (error bars: standard error over images), "
+     "test and training images; L_1 is the ELBO in expectation and L_k rises towards log p(x)."),
+    ("log_likelihood_histogram", "Per-image log-likelihood",
+     "Histogram of L_k over test images and the evaluated training images; vertical lines: means."),
     ("samples", "Samples from the prior",
      "Decoder means sigmoid(logits(z)) for z ~ N(0, I), as in AEVB Figure 5."),
     ("reconstructions", "Reconstructions",
@@ -70,11 +75,15 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         ("training length", f"{m['epochs']} epochs = {summary.get('examples_seen', 0):,} examples evaluated"),
         ("hardware", summary.get("device", "unknown")),
         ("training wall time", f"{m['train_seconds']:.1f} s"),
-        ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test images "
-                       f"({m.get('evaluate_seconds', float('nan')):.1f} s)"),
+        ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test and "
+                       f"{m['train_examples_evaluated']} training images ({m['evaluate_seconds']:.1f} s)"),
     ]
     results = [
         (f"test log-likelihood L_{k}", f"{m['test_log_likelihood']:.2f} ± {m['test_log_likelihood_stderr']:.2f}"),
+        (f"train log-likelihood L_{k} ({m['train_examples_evaluated']} images)",
+         f"{m['train_log_likelihood']:.2f} ± {m['train_log_likelihood_stderr']:.2f}"),
+        ("train - test gap (overfitting)", f"{m['train_test_gap']:.2f}"),
+        *[(f"test L_{key}", f"{value:.2f}") for key, value in m["bound_curve"].items() if int(key) != k],
         ("test ELBO", f"{m['test_elbo']:.2f}"),
         ("train ELBO (last epoch)", f"{m['train_elbo']:.2f}"),
         ("validation ELBO (last epoch)", f"{m['valid_elbo']:.2f}"),

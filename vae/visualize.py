@@ -8,6 +8,8 @@
   through the inverse Gaussian CDF to z, with the decoder mean drawn at each point.
 - ``elbo_curves.png``: train and validation ELBO against training examples seen (log axis, as
   AEVB Fig. 2), with the per-minibatch estimates behind them.
+- ``bound_curve.png``: L_k against k, test and train (IWAE's bound tightness).
+- ``log_likelihood_histogram.png``: per-example L_k, test and train.
 """
 
 from __future__ import annotations
@@ -131,6 +133,38 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
     _save_figure(figure, path)
 
 
+def log_likelihood_histogram(per_example: pd.DataFrame, k: int, path: Path) -> None:
+    """Histogram of per-example L_k, test and train, with their means marked."""
+    figure, axes = plt.subplots(figsize=(6.5, 4.0))
+    for split, colour in (("test", "C0"), ("train", "C1")):
+        values = per_example.loc[per_example["split"] == split, "log_likelihood"]
+        if len(values):
+            axes.hist(values, bins=80, density=True, alpha=0.5, color=colour,
+                      label=f"{split} ({len(values)} images, mean {values.mean():.2f})")
+            axes.axvline(values.mean(), color=colour, lw=1)
+    axes.set_xlabel(f"L_{k} per example (nats)")
+    axes.set_ylabel("density")
+    axes.legend(loc="upper left")
+    axes.set_title("Importance-sampled log-likelihood per image", fontsize=10)
+    _save_figure(figure, path)
+
+
+def bound_curve(curve: pd.DataFrame, test_elbo: float, path: Path) -> None:
+    """L_k against k (log axis) with standard-error bars, test and train; the test ELBO for reference."""
+    figure, axes = plt.subplots(figsize=(6.5, 4.0))
+    for split, colour, marker in (("test", "C0", "o"), ("train", "C1", "s")):
+        axes.errorbar(curve["k"], curve[f"{split}_log_likelihood"], yerr=curve[f"{split}_stderr"],
+                      color=colour, marker=marker, ms=4, capsize=3, label=f"{split} L_k")
+    axes.axhline(test_elbo, color="0.5", ls=":", label="test ELBO")
+    axes.set_xscale("log")
+    axes.set_xlabel("importance samples k")
+    axes.set_ylabel("L_k (nats per example)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    axes.set_title("Bound tightness: L_k rises towards log p(x) as k grows", fontsize=10)
+    _save_figure(figure, path)
+
+
 def run(params: Params, progress: bool = True) -> dict[str, str]:
     """Stage entry point: draw every figure that applies to the trained model; log them to MLflow.
 
@@ -150,6 +184,12 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     reconstructions(model, x, config, shape, figures["reconstructions"])
     latent_space(model, x, test.labels, config, figures["latent_space"])
     elbo_curves(pd.read_csv(paths.elbo_curve), pd.read_csv(paths.train_steps), figures["elbo_curves"])
+    metrics = read_json(paths.metrics)
+    figures["bound_curve"] = out / "bound_curve.png"
+    bound_curve(pd.read_csv(paths.bound_curve), metrics["test_elbo"], figures["bound_curve"])
+    figures["log_likelihood_histogram"] = out / "log_likelihood_histogram.png"
+    log_likelihood_histogram(pd.read_csv(paths.per_example), metrics["importance_samples"],
+                             figures["log_likelihood_histogram"])
     if model.latent_dim == 2:
         figures["manifold"] = out / "manifold.png"
         manifold(model, config, shape, figures["manifold"])
