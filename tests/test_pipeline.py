@@ -99,7 +99,8 @@ def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> No
                  "t10k-labels-idx1-ubyte"):
         assert (root / "data/raw/mnist" / name).stat().st_size > 0
     assert not list((root / "data/raw/mnist").glob(".*tmp")), "temporary download files left behind"
-    for name in ("samples", "reconstructions", "latent_space", "elbo_curves", "manifold"):
+    for name in ("samples", "reconstructions", "latent_space", "elbo_curves", "manifold", "bound_curve",
+                 "log_likelihood_histogram"):
         assert (root / "reports/figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -114,6 +115,19 @@ def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
     # L_50 is a tighter bound than the ELBO; with 500 examples the mean gap is far above noise.
     assert metrics["test_log_likelihood"] > metrics["test_elbo"]
     assert metrics["active_units"] in (0, 1, 2)
+    assert metrics["train_examples_evaluated"] == 2000
+    assert -400 < metrics["train_log_likelihood"] < 0
+    assert metrics["train_test_gap"] == pytest.approx(
+        metrics["train_log_likelihood"] - metrics["test_log_likelihood"], abs=1e-3)
+    curve = metrics["bound_curve"]
+    assert list(curve) == ["1", "5", "50"]  # bound_curve values <= k = 50
+    assert curve["50"] == metrics["test_log_likelihood"]
+    assert curve["1"] < curve["5"] < curve["50"]
+    assert abs(curve["1"] - metrics["test_elbo"]) < 4 * metrics["test_log_likelihood_stderr"] + 1.0
+    rows = (pipeline.root / "reports/bound_curve.csv").read_text().splitlines()
+    assert rows[0] == "k,test_log_likelihood,test_stderr,train_log_likelihood,train_stderr" and len(rows) == 4
+    per_example = (pipeline.root / "reports/log_likelihood_per_example.csv").read_text().splitlines()
+    assert len(per_example) == 1 + 500 + 2000
     assert metrics["train_seconds"] > 0
     curve = (pipeline.root / "reports/elbo_curve.csv").read_text().splitlines()
     assert curve[0].startswith("epoch,examples_seen,train_elbo,valid_elbo") and len(curve) == 3
@@ -139,7 +153,7 @@ def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
 def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
     html = (pipeline.root / "reports/report.html").read_text()
     metrics = pipeline.json("reports/metrics.json")
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 7
     assert "src=\"http" not in html and "src='http" not in html, "report must not need the network"
     assert f"{metrics['test_log_likelihood']:.2f}" in html
     assert "dynamic" in html and "static" not in html.split("Provenance")[0].lower()
@@ -153,7 +167,7 @@ def test_dvc_metrics_and_plots_render(pipeline: Pipeline) -> None:
     values = json.dumps(shown)
     assert "test_log_likelihood" in values
     plots = json.loads(pipeline.dvc("plots", "show", "--json"))["data"]
-    assert set(plots) == {"ELBO per epoch", "ELBO per minibatch"}, list(plots)
+    assert set(plots) == {"ELBO per epoch", "ELBO per minibatch", "Bound tightness (L_k against k)"}, list(plots)
     rows = plots["ELBO per epoch"][0]["content"]["data"]["values"]
     assert {row["field"] for row in rows} == {"train_elbo", "valid_elbo"}
     assert len(rows) == 2 * pipeline.json("reports/metrics.json")["epochs"]
@@ -252,6 +266,10 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
     steps = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
                  metric_key="train_elbo_step", max_results="100000")["metrics"]
     assert len(steps) == epochs * 2000 // 100
+
+    curve = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                 metric_key="test_log_likelihood_curve")["metrics"]
+    assert sorted(point["step"] for point in curve) == [1, 5, 50]
 
     artifacts = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="figures")
     assert {Path(f["path"]).name for f in artifacts["files"]} >= {"samples.png", "manifold.png", "elbo_curves.png"}
