@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import math
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -124,13 +125,16 @@ def main() -> None:
     loop_rate = args.loop_examples * k / loop_seconds
     rows.append(("per-example loop (vae_vampprior style, 100 per chunk)", args.loop_examples, loop_seconds, loop_rate))
     project = {}
-    for budget in (float(b) for b in args.budgets.split(",")):
+    for budget in sorted(float(b) for b in args.budgets.split(",")):
         pairs = model.pairs_for_budget(budget)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds, estimate = timed(lambda: objectives.importance_sampled_log_likelihood(model, x, k, pairs, 0), device)
+        # CUDA: peak allocated by torch; CPU: the process's peak resident memory so far
+        # (budgets run in increasing order, so a rise shows that budget's working set).
         peak = (f", peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated"
-                if device.type == "cuda" else "")
+                if device.type == "cuda" else
+                f", process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
         project[budget] = estimate.log_likelihood
         rows.append((f"project, memory budget {budget:g} MB ({pairs} pairs per chunk{peak})",
                      len(x), seconds, len(x) * k / seconds))
