@@ -30,7 +30,7 @@ from vae import objectives, tracking
 from vae.config import Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
-from vae.io import atomic_path, read_json, write_json
+from vae.io import read_json, write_csv, write_json
 from vae.model import VAE, load_model
 
 
@@ -64,10 +64,6 @@ def _encode_means(model: VAE, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model.encode(x[i : i + 10000])[0] for i in range(0, len(x), 10000)])
 
-
-def _write_csv(frame: pd.DataFrame, path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def run(params: Params, progress: bool = True) -> dict:
@@ -120,8 +116,8 @@ def run(params: Params, progress: bool = True) -> dict:
                       "log_likelihood": result.log_likelihood.numpy(), "elbo": result.elbo.numpy()})
         for split, result in results.items()])
     write_json(paths.metrics, metrics)
-    _write_csv(curve_frame, paths.bound_curve)
-    _write_csv(per_example, paths.per_example)
+    write_csv(paths.bound_curve, curve_frame)
+    write_csv(paths.per_example, per_example)
     write_json(paths.unit_variances, {"threshold": config.active_unit_threshold,
                                       "unit_variances": [round(float(v), 6) for v in variances]})
     pairs = (len(test_x) + train_count) * k

@@ -61,6 +61,12 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_csv(path: str | os.PathLike[str], frame: Any) -> None:
+    """Write a pandas DataFrame as CSV (no index, 6 significant digits) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file, raising :class:`FileNotFoundError` naming the path if it is missing."""
     path = Path(path)

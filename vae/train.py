@@ -21,7 +21,7 @@ from vae import objectives, tracking
 from vae.config import Params, TrainConfig
 from vae.data.splits import Split, load_splits
 from vae.devices import describe, resolve_device
-from vae.io import atomic_path, write_json
+from vae.io import write_csv, write_json
 from vae.model import VAE, save_checkpoint
 
 EVAL_BATCH = 10000
@@ -125,10 +125,6 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
                        seconds=time.perf_counter() - started, device=describe(device))
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-
 
 def run(params: Params, progress: bool = True) -> dict:
     """Stage entry point: train on ``paths.processed/<dataset>``, write the checkpoint, the ELBO
@@ -170,8 +166,8 @@ def run(params: Params, progress: bool = True) -> dict:
                    "mlflow_run_id": tracker.run_id}
         save_checkpoint(result.model, paths.checkpoint,
                         metadata={k: v for k, v in summary.items() if k != "mlflow_run_id"})
-        _write_csv(result.epochs, paths.elbo_curve)
-        _write_csv(result.steps, paths.train_steps)
+        write_csv(paths.elbo_curve, result.epochs)
+        write_csv(paths.train_steps, result.steps)
         write_json(paths.train_summary, summary)
         tracker.log_metrics({"train_seconds": result.seconds})
         tracker.log_artifact(paths.elbo_curve, "curves")
