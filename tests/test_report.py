@@ -1,0 +1,67 @@
+"""The report stage on files the test writes: values are escaped, images embedded, numbers shown."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+
+import pytest
+
+from vae import report
+from vae.config import Params, PathsConfig
+
+PNG_1x1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+HOSTILE = "<script>alert('x')</script>"
+
+
+@pytest.fixture
+def written(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    (reports / "figures").mkdir(parents=True)
+    (reports / "figures" / "samples.png").write_bytes(PNG_1x1)
+    (reports / "figures" / "elbo_curves.png").write_bytes(PNG_1x1)
+    metrics = {
+        "dataset": "mnist", "binarization": "dynamic", "latent_dim": 20, "hidden_dim": 500, "epochs": 3,
+        "importance_samples": 50, "test_examples": 100, "test_log_likelihood": -97.1234,
+        "test_log_likelihood_stderr": 0.4321, "test_elbo": -101.5, "train_examples_evaluated": 200,
+        "train_log_likelihood": -96.25, "train_log_likelihood_stderr": 0.5, "train_test_gap": 0.87,
+        "train_elbo": -100.0, "valid_elbo": -101.0, "active_units": 17,
+        "bound_curve": {"1": -101.6, "5": -99.3, "50": -97.1234},
+        "train_seconds": 12.0, "evaluate_seconds": 3.0,
+    }
+    (reports / "metrics.json").write_text(json.dumps(metrics))
+    summary = {"train_examples": 50000, "examples_seen": 150000, "device": HOSTILE, "mlflow_run_id": None}
+    (reports / "train_summary.json").write_text(json.dumps(summary))
+    paths = PathsConfig(raw=HOSTILE, reports=str(reports))
+    params = dataclasses.replace(Params(), paths=paths)
+    report.run(params, progress=False)
+    return reports, metrics
+
+
+def test_html_escapes_values_and_embeds_images(written) -> None:
+    reports, metrics = written
+    html = (reports / "report.html").read_text()
+    assert HOSTILE not in html and "<script>" not in html
+    assert "&lt;script&gt;" in html
+    assert html.count("data:image/png;base64,") == 2
+    for value in ("-97.12 ± 0.43", "-96.25 ± 0.50", "-101.50", "17 of 20", "-99.30"):
+        assert value in html, value
+    assert "Table 1" in html  # published numbers of the same (dynamic) binarization
+    assert "Table 3" not in html  # static-binarization numbers never shown beside dynamic ones
+
+
+def test_markdown_escapes_values_and_links_figures(written) -> None:
+    reports, _ = written
+    markdown = (reports / "report.md").read_text()
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert all("<script>" not in line for line in table_lines)
+    assert "(figures/samples.png)" in markdown and "(figures/elbo_curves.png)" in markdown
+    assert "-97.12 ± 0.43" in markdown
+
+
+def test_markdown_escape() -> None:
+    assert report.markdown_escape("a|b") == "a\\|b"
+    assert report.markdown_escape("<b>x</b>\nnext") == "&lt;b&gt;x&lt;/b&gt; next"
