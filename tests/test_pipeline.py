@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -157,6 +158,11 @@ def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None
     assert "src=\"http" not in html and "src='http" not in html, "report must not need the network"
     assert f"{metrics['test_log_likelihood']:.2f}" in html
     assert "dynamic" in html and "static" not in html.split("Provenance")[0].lower()
+    lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text())["stages"]
+    model_md5 = next(out["md5"] for out in lock["train"]["outs"] if out["path"].endswith("model.pt"))
+    assert f"models/model.pt md5 {model_md5}" in html
+    summary = pipeline.json("reports/train_summary.json")
+    assert summary["mlflow_run_id"] in html
     markdown = (pipeline.root / "reports/report.md").read_text()
     assert f"{metrics['test_log_likelihood']:.2f}" in markdown
     assert "(figures/manifold.png)" in markdown
@@ -281,3 +287,38 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
     assert float(tags["test_log_likelihood"]) == pytest.approx(on_disk["test_log_likelihood"], abs=1e-3)
     model = _get(mlflow_server, "/api/2.0/mlflow/registered-models/get", name="vae-mnist")
     assert model["registered_model"]["name"] == "vae-mnist"
+
+
+PROBE = """<script>window.addEventListener("load", () => {
+  for (const img of document.images) img.setAttribute("data-natural-width", img.naturalWidth);
+  document.body.setAttribute("data-probed", "yes");
+});</script>"""
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Headless Chromium opens report.html: every image decodes, the tables hold metrics.json's
+    numbers, and a screenshot is saved (reports/report_screenshot.png in the test's repo copy)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does when it can)")
+    report = pipeline.root / "reports/report.html"
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text() + PROBE)
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-probed="yes"' in dom, "the page did not finish loading"
+    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    assert len(widths) == 7 and all(width > 0 for width in widths), widths
+    metrics = pipeline.json("reports/metrics.json")
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", dom, flags=re.S)
+    for number in (f"{metrics['test_log_likelihood']:.2f} ± {metrics['test_log_likelihood_stderr']:.2f}",
+                   f"{metrics['test_elbo']:.2f}", f"{metrics['train_log_likelihood']:.2f}"):
+        assert any(number in cell for cell in cells), number
+    screenshot = pipeline.root / "reports/report_screenshot.png"
+    subprocess.run([browser, *CHROMIUM_FLAGS, *profile, "--window-size=1100,3000",
+                    f"--screenshot={screenshot}", report.as_uri()], capture_output=True, timeout=120)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -65,3 +65,12 @@ def test_markdown_escapes_values_and_links_figures(written) -> None:
 def test_markdown_escape() -> None:
     assert report.markdown_escape("a|b") == "a\\|b"
     assert report.markdown_escape("<b>x</b>\nnext") == "&lt;b&gt;x&lt;/b&gt; next"
+
+
+def test_tracking_uri_in_reports_masks_credentials(monkeypatch) -> None:
+    from vae.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org/path")
+    assert tracking_uri() == "https://***@mlflow.example.org/path"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri().startswith("sqlite:///") and tracking_uri().endswith("mlflow.db")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import html
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,23 @@ def markdown_escape(value: Any) -> str:
     """Text safe inside a Markdown table cell: HTML special characters, pipes and newlines escaped."""
     text = html.escape(str(value), quote=False)
     return re.sub(r"([|`*_\[\]])", r"\\\1", text).replace("\n", " ")
+
+
+def stage_digests(lock_path: Path = Path("dvc.lock")) -> list[tuple[str, str]]:
+    """Each stage of ``dvc.lock``: a digest of its recorded state (deps, params, outs) and the
+    hash of its first output, so a reader can tell exactly which state produced the report."""
+    if not lock_path.is_file():
+        return [("dvc.lock", "not found (stages run outside `dvc repro`)")]
+    stages = (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages", {})
+    rows = []
+    for name, entry in stages.items():
+        if name == "report":  # its entry describes the previous report, not this one
+            continue
+        digest = hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:12]
+        outs = entry.get("outs") or [{}]
+        main = next((out for out in outs if str(out.get("path", "")).endswith("metrics.json")), outs[0])
+        rows.append((f"stage {name}", f"lock {digest}; {main.get('path', '-')} md5 {main.get('md5', '-')}"))
+    return rows
 
 
 def _environment() -> jinja2.Environment:
@@ -95,11 +114,13 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         if path.is_file():
             figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
                             "data": base64.b64encode(path.read_bytes()).decode("ascii")})
+    commit = tracking.git_commit()
     provenance = [
-        ("git commit", (tracking.git_commit() or "not a git work tree")
-         + (" + uncommitted changes" if tracking.git_dirty() else "")),
+        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if tracking.git_dirty() else "")),
         ("MLflow run", summary.get("mlflow_run_id") or "not tracked"),
-        ("reproduce", "dvc repro  (after git checkout of the commit above)"),
+        ("MLflow tracking URI", tracking.tracking_uri() if summary.get("mlflow_run_id") else "-"),
+        *stage_digests(),
+        ("reproduce", f"git checkout {commit[:12] if commit else '<commit>'} && uv run dvc repro"),
     ]
     return {
         "title": f"VAE on {m['dataset'].upper()} ({m['binarization']} binarization), "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,15 @@ def git_commit() -> str | None:
 def git_dirty() -> bool:
     """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count)."""
     return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def tracking_uri() -> str:
+    """The tracking URI in use: ``MLFLOW_TRACKING_URI``, else MLflow's default SQLite store.
+
+    Credentials in a URI (``user:password@``) are masked, so it can go into reports and logs.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 class Tracker:
