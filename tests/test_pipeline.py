@@ -322,3 +322,34 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
     subprocess.run([browser, *CHROMIUM_FLAGS, *profile, "--window-size=1100,3000",
                     f"--screenshot={screenshot}", report.as_uri()], capture_output=True, timeout=120)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipeline) -> None:
+    """Last in the module, since it changes the evaluation the other tests look at.
+
+    MLflow params are final: a re-evaluation with another k must not fail on the training
+    run's params; it logs to a child run, which visualize and report follow."""
+    before = pipeline.json("reports/metrics.json")
+    _set_params(pipeline.root / "params.yaml", {"evaluate": {"importance_samples": 20}})
+    output = pipeline.dvc("repro")
+    for stage in ("download", "binarize", "train"):
+        assert f"Running stage '{stage}'" not in output
+    for stage in ("evaluate", "visualize", "report"):
+        assert f"Running stage '{stage}'" in output
+    after = pipeline.json("reports/metrics.json")
+    trained = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
+    assert after["importance_samples"] == 20 and after["mlflow_run_id"] not in (None, trained)
+    assert after["mlflow_run_id"] != before["mlflow_run_id"]
+    assert after["mlflow_run_id"] in (pipeline.root / "reports/report.html").read_text()
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline.store}")
+    child = client.get_run(after["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == trained
+    assert child.data.params["evaluate.importance_samples"] == "20"
+    assert child.data.metrics["test_log_likelihood"] == pytest.approx(after["test_log_likelihood"], abs=1e-3)
+    assert client.get_run(trained).data.params["evaluate.importance_samples"] == "50"
+    assert {"samples.png", "bound_curve.png"} <= {
+        Path(f.path).name for f in client.list_artifacts(child.info.run_id, "figures")}
+

@@ -115,23 +115,24 @@ def run(params: Params, progress: bool = True) -> dict:
         pd.DataFrame({"split": split, "index": range(len(result.log_likelihood)),
                       "log_likelihood": result.log_likelihood.numpy(), "elbo": result.elbo.numpy()})
         for split, result in results.items()])
-    write_json(paths.metrics, metrics)
-    write_csv(paths.bound_curve, curve_frame)
-    write_csv(paths.per_example, per_example)
-    write_json(paths.unit_variances, {"threshold": config.active_unit_threshold,
-                                      "unit_variances": [round(float(v), 6) for v in variances]})
-    pairs = (len(test_x) + train_count) * k
-    print(f"test L_{k} = {test_ll:.2f} +- {test_se:.2f} nats, test ELBO {metrics['test_elbo']:.2f}; "
-          f"train L_{k} = {train_ll:.2f} +- {train_se:.2f} on {train_count} images (gap {train_ll - test_ll:.2f}); "
-          f"{active} active units; {pairs / seconds:,.0f} importance samples/s on {describe(device)}", flush=True)
-
-    with tracking.resume_run(summary.get("mlflow_run_id"), "evaluate") as tracker:
+    settings = {f"evaluate.{key}": value for key, value in vars(config).items()}
+    with tracking.resume_run(summary.get("mlflow_run_id"), "evaluate", settings) as tracker:
+        metrics["mlflow_run_id"] = tracker.run_id
+        write_json(paths.metrics, metrics)
+        write_csv(paths.bound_curve, curve_frame)
+        write_csv(paths.per_example, per_example)
+        write_json(paths.unit_variances, {"threshold": config.active_unit_threshold,
+                                          "unit_variances": [round(float(v), 6) for v in variances]})
+        pairs = (len(test_x) + train_count) * k
+        print(f"test L_{k} = {test_ll:.2f} +- {test_se:.2f} nats, test ELBO {metrics['test_elbo']:.2f}; "
+              f"train L_{k} = {train_ll:.2f} +- {train_se:.2f} on {train_count} images "
+              f"(gap {train_ll - test_ll:.2f}); {active} active units; "
+              f"{pairs / seconds:,.0f} importance samples/s on {describe(device)}", flush=True)
         numbers = {key: value for key, value in metrics.items()
                    if key.startswith(("test_", "train_log", "train_test")) or key in ("active_units", "evaluate_seconds")}
         tracker.log_metrics(numbers)
         tracker.log_history({f"{split}_log_likelihood_curve": [(int(r["k"]), r[f"{split}_log_likelihood"]) for r in rows]
                              for split in results})
-        tracker.log_params({f"evaluate.{key}": value for key, value in vars(config).items()})
         for path in (paths.metrics, paths.bound_curve, paths.per_example):
             tracker.log_artifact(path, "evaluation")
         version = tracker.log_model(

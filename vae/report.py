@@ -117,8 +117,9 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
     commit = tracking.git_commit()
     provenance = [
         ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if tracking.git_dirty() else "")),
-        ("MLflow run", summary.get("mlflow_run_id") or "not tracked"),
-        ("MLflow tracking URI", tracking.tracking_uri() if summary.get("mlflow_run_id") else "-"),
+        ("MLflow run", metrics.get("mlflow_run_id") or "not tracked"),
+        ("MLflow training run", summary.get("mlflow_run_id") or "not tracked"),
+        ("MLflow tracking URI", tracking.tracking_uri() if metrics.get("mlflow_run_id") else "-"),
         *stage_digests(),
         ("reproduce", f"git checkout {commit[:12] if commit else '<commit>'} && uv run dvc repro"),
     ]
@@ -146,7 +147,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     write_text(outputs["html"], env.get_template("report.html.j2").render(context))
     md_context = {**context, "figures": [{k: v for k, v in f.items() if k != "data"} for f in context["figures"]]}
     write_text(outputs["md"], env.get_template("report.md.j2").render(md_context))
-    with tracking.resume_run(summary.get("mlflow_run_id"), "report") as tracker:
+    with tracking.resume_run(metrics.get("mlflow_run_id"), "report") as tracker:
         for path in outputs.values():
             tracker.log_artifact(path, "report")
     print(f"report: {outputs['html']}, {outputs['md']}", flush=True)

@@ -192,11 +192,15 @@ def start_run(experiment: str, run_name: str, stage: str,
 
 
 @contextlib.contextmanager
-def resume_run(run_id: str | None, stage: str) -> Iterator[Tracker | NullTracker]:
-    """Reopen the run the ``train`` stage created and yield a tracker for it.
+def resume_run(run_id: str | None, stage: str,
+               params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+    """Reopen the run the ``train`` stage created and yield a tracker for it, with ``params`` logged.
 
-    A missing ``run_id`` (training ran with tracking off) or a run the store no longer holds is
-    reported on stderr and nothing is logged, rather than scattering results over new runs.
+    MLflow params cannot change, so when ``params`` differ from values the run already holds
+    (the stage re-ran with new settings on the same trained model), a child run is created
+    under it (``mlflow.parentRunId``, tag ``vae.trained_run_id``) and the stage logs there; the
+    tracker's ``run_id`` says which. A missing ``run_id`` (training ran with tracking off) or a
+    run the store no longer holds is reported on stderr and nothing is logged.
 
     Raises:
         TrackingError: the tracking store cannot be reached or refuses the request.
@@ -213,7 +217,7 @@ def resume_run(run_id: str | None, stage: str) -> Iterator[Tracker | NullTracker
     client, uri = _client()
     tracker = Tracker(client, run_id, uri)
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except Exception as error:
         from mlflow.exceptions import MlflowException
 
@@ -223,7 +227,20 @@ def resume_run(run_id: str | None, stage: str) -> Iterator[Tracker | NullTracker
             yield NullTracker()
             return
         raise TrackingError(f"MLflow tracking at {uri} failed in get_run: {error}") from error
+    params = {key: str(value) for key, value in (params or {}).items()}
+    held = run.data.params
+    if any(key in held and held[key] != value for key, value in params.items()):
+        name = f"{run.data.tags.get('mlflow.runName', run_id)}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        child = tracker._call(client.create_run, run.info.experiment_id, run_name=name,
+                              tags={"mlflow.parentRunId": run_id, "vae.trained_run_id": run_id,
+                                    "mlflow.runName": name, **{k: v for k, v in run.data.tags.items()
+                                                               if k in ("dataset", "binarization", "device")}})
+        tracker.run_id = child.info.run_id
+        print(f"MLflow: {stage} settings differ from those of run {run_id}; logging to its child run "
+              f"{tracker.run_id}", flush=True)
     with _run_status(tracker, stage):
+        tracker.log_params({key: value for key, value in params.items() if key not in held
+                            or tracker.run_id != run_id})
         yield tracker
 
 

@@ -143,7 +143,9 @@ def run(params: Params, progress: bool = True) -> dict:
     run_name = f"{data.dataset}-{data.binarization}-z{params.model.latent_dim}-e{params.train.epochs}"
     tags = {"dataset": data.dataset, "binarization": data.binarization, "device": describe(device)}
     with tracking.start_run(experiment, run_name, "train", tags) as tracker:
-        tracker.log_params(params.flat())
+        # Only what training reads: later stages log their own settings (MLflow params are final).
+        tracker.log_params({key: value for key, value in params.flat().items()
+                            if key.split(".")[0] in ("paths", "data", "model", "train")})
         tracker.log_params({"data.train_examples": len(splits["train"]),
                             "data.valid_examples": len(splits["valid"]),
                             "data.test_examples": len(splits["test"])})

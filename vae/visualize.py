@@ -195,8 +195,8 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
         manifold(model, config, shape, figures["manifold"])
     else:
         (out / "manifold.png").unlink(missing_ok=True)  # a stale one from a 2-D run would mislead
-    summary = read_json(paths.train_summary)
-    with tracking.resume_run(summary.get("mlflow_run_id"), "visualize") as tracker:
+    # The run this execution's evaluation logged to (the training run, or its child).
+    with tracking.resume_run(metrics.get("mlflow_run_id"), "visualize") as tracker:
         for path in figures.values():
             tracker.log_artifact(path, "figures")
     print(f"figures: {', '.join(str(p) for p in figures.values())}", flush=True)
