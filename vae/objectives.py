@@ -90,15 +90,17 @@ def elbo(model: LatentVariableModel, x: torch.Tensor, samples: int = 1,
 
 
 def log_importance_weights(model: LatentVariableModel, x: torch.Tensor, mu: torch.Tensor,
-                           log_var: torch.Tensor, samples: int,
-                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log w_i = log p(x, z_i) - log q(z_i|x) for z_i ~ q(z|x) (Burda et al. 2016, Eq. 8).
+                           log_var: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log w_i = log p(x, z_i) - log q(z_i|x) for z_i = mu + sigma * eps_i (Burda et al. 2016, Eq. 8).
 
-    Returns ``(log_w, log_px_given_z)``, each (samples, batch), nats.
+    With (z - mu) / sigma = eps, log p(z) - log q(z|x) = (|eps|^2 - |z|^2 + sum log sigma^2) / 2
+    (the 2 pi terms cancel), so no division and no second pass over z.
+    Shapes: x (batch, D), mu and log_var (batch, latent_dim), eps (samples, batch, latent_dim)
+    standard normal. Returns ``(log_w, log_px_given_z)``, each (samples, batch), nats.
     """
-    z = reparameterize(mu, log_var, samples, generator)
+    z = mu + torch.exp(0.5 * log_var) * eps
     log_px_given_z = model.decoder_log_prob(x, z)
-    log_w = log_px_given_z + standard_normal_log_prob(z) - gaussian_log_prob(z, mu, log_var)
+    log_w = log_px_given_z + 0.5 * (eps.pow(2).sum(-1) - z.pow(2).sum(-1) + log_var.sum(-1))
     return log_w, log_px_given_z
 
 
@@ -226,17 +228,13 @@ def importance_sampled_log_likelihood(
     for start in range(0, len(x), examples_per_chunk):
         batch = x[start : start + examples_per_chunk]
         mu, log_var = model.encode(batch)
-        std = torch.exp(0.5 * log_var)
         streams = [NoiseStream(seed, start + i, mu.shape[1], x.device) for i in range(len(batch))]
         log_sum_w = torch.full((len(batch),), -math.inf, device=x.device, dtype=mu.dtype)
         sum_log_px = torch.zeros(len(batch), device=x.device, dtype=mu.dtype)
         for done in range(0, importance_samples, samples_per_chunk):
             samples = min(samples_per_chunk, importance_samples - done)
             eps = torch.stack([stream.take(samples) for stream in streams], dim=1).to(mu.dtype)
-            z = mu + std * eps
-            log_px_given_z = model.decoder_log_prob(batch, z)
-            # log p(z) - log q(z|x) with (z - mu) / std = eps: no division, no second pass over z.
-            log_w = log_px_given_z - 0.5 * z.pow(2).sum(-1) + 0.5 * eps.pow(2).sum(-1) + 0.5 * log_var.sum(-1)
+            log_w, log_px_given_z = log_importance_weights(model, batch, mu, log_var, eps)
             for k in curve:
                 if done < k <= done + samples:
                     partial = torch.logaddexp(log_sum_w, torch.logsumexp(log_w[: k - done], dim=0))
