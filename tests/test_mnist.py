@@ -376,11 +376,11 @@ def test_load_split_non_tensor_images(tmp_path):
         load_split(path)
 
 
-def test_binarized_grey_split():
+def test_values_of_a_dynamic_grey_split():
     split = _grey_split(n=200)
-    first = split.binarized(generator=torch.Generator().manual_seed(3))
-    again = split.binarized(generator=torch.Generator().manual_seed(3))
-    other = split.binarized(generator=torch.Generator().manual_seed(4))
+    first = split.values(generator=torch.Generator().manual_seed(3))
+    again = split.values(generator=torch.Generator().manual_seed(3))
+    other = split.values(generator=torch.Generator().manual_seed(4))
     assert first.dtype == torch.float32 and first.shape == (200, 784)
     assert set(torch.unique(first).tolist()) == {0.0, 1.0}
     assert torch.equal(first, again) and not torch.equal(first, other)
@@ -388,8 +388,8 @@ def test_binarized_grey_split():
     assert abs(float(first.mean()) - float(split.images.float().mean()) / 255) < 0.01
 
 
-def test_binarized_binary_split_is_returned_as_is():
+def test_values_of_a_binary_split_are_returned_as_is():
     images = (torch.arange(2 * 784) % 3 == 0).to(torch.uint8).reshape(2, 784)
     split = Split(images, torch.zeros(2, dtype=torch.int64), binary=True, binarization="dynamic")
-    out = split.binarized(dtype=torch.float64)
+    out = split.values(dtype=torch.float64)
     assert out.dtype == torch.float64 and torch.equal(out, images.double())

@@ -203,7 +203,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, VAE)
     assert not loaded.training
     assert loaded.config() == model.config() == {"input_dim": INPUT_DIM, "hidden_dim": HIDDEN_DIM,
-                                                 "latent_dim": LATENT_DIM}
+                                                 "latent_dim": LATENT_DIM, "hidden_layers": 1,
+                                                 "likelihood": "bernoulli"}
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     for key in original:
@@ -223,7 +224,8 @@ def test_checkpoint_is_plain_tensors_and_values(tmp_path: Path) -> None:
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == CHECKPOINT_FORMAT
     assert payload["format_version"] == CHECKPOINT_VERSION
-    assert payload["model_config"] == {"input_dim": INPUT_DIM, "hidden_dim": HIDDEN_DIM, "latent_dim": LATENT_DIM}
+    assert payload["model_config"] == {"input_dim": INPUT_DIM, "hidden_dim": HIDDEN_DIM, "latent_dim": LATENT_DIM,
+                                       "hidden_layers": 1, "likelihood": "bernoulli"}
     assert payload["metadata"] == {}
     assert all(t.device.type == "cpu" for t in payload["state_dict"].values())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +21,14 @@ import yaml
 
 from vae.errors import ConfigError
 
-DATASETS = ("mnist",)
-BINARIZATIONS = ("dynamic",)
+DATASETS = ("mnist", "frey")
+BINARIZATIONS = ("dynamic", "static", "none")
+# Which binarizations each dataset has: MNIST is binary (resampled, or the fixed Larochelle files);
+# Frey Face stays grey and gets a Gaussian decoder (a Bernoulli likelihood of grey values is not one).
+DATASET_BINARIZATIONS = {"mnist": ("dynamic", "static"), "frey": ("none",)}
 OPTIMIZERS = ("adam", "adagrad")
+OBJECTIVES = ("elbo", "iwae")
+SCHEDULES = ("constant", "iwae")
 DEVICES = ("auto", "cpu", "cuda")
 PROJECTIONS = ("pca", "tsne")
 
@@ -41,6 +47,15 @@ def _non_negative(*names: str):
         return [f"{name} = {getattr(self, name)!r}: expected a finite number >= 0"
                 for name in names if getattr(self, name) is not None
                 and not (0 <= getattr(self, name) < math.inf)]
+    return check
+
+
+def _positive_items(name: str):
+    def check(self) -> list[str]:
+        value = getattr(self, name)
+        if value is None or all(0 < item < math.inf for item in value):
+            return []
+        return [f"{name} = {value!r}: expected a list of finite numbers > 0"]
     return check
 
 
@@ -71,6 +86,11 @@ class PathsConfig:
     @property
     def checkpoint(self) -> Path:
         return Path(self.models) / "model.pt"
+
+    @property
+    def train_state(self) -> Path:
+        """The train stage's resumable checkpoint (not a DVC output: it must survive a re-run)."""
+        return Path(self.models) / "train_state.pt"
 
     @property
     def train_summary(self) -> Path:
@@ -105,10 +125,35 @@ class PathsConfig:
         return Path(self.reports) / "figures"
 
 
+def _dataset_binarization(self) -> list[str]:
+    allowed = DATASET_BINARIZATIONS.get(self.dataset)
+    if allowed is None or self.binarization in allowed or self.binarization not in BINARIZATIONS:
+        return []  # an unknown dataset or binarization is reported by its own check
+    return [f"binarization = {self.binarization!r}: dataset {self.dataset!r} allows "
+            f"{', '.join(allowed)}"]
+
+
+def _fixed_split(self) -> list[str]:
+    problems = []
+    if self.dataset == "mnist" and self.test_size is not None:
+        problems.append(f"test_size = {self.test_size!r}: MNIST has a fixed test set of 10000 images; "
+                        "expected null (use eval_subset to evaluate fewer)")
+    if self.binarization == "static" and self.validation_size is not None:
+        problems.append(f"validation_size = {self.validation_size!r}: the static binarization's "
+                        "files fix the split (50000 / 10000 / 10000); expected null")
+    return problems
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset, split and binarization (stages ``download`` and ``binarize``).
 
+    ``dataset`` ``mnist`` has binarization ``dynamic`` (training images resampled as
+    Bernoulli(intensity) per minibatch) or ``static`` (the fixed Larochelle files, their own
+    50000 / 10000 / 10000 split); ``frey`` (Frey Face) has ``none`` (grey values, Gaussian
+    decoder). ``validation_size`` and ``test_size`` null mean the dataset's standard split
+    (MNIST: 10000 validation images from the 60000 training ones, the 10000 test images;
+    Frey Face: 200 and 200 of the 1965 faces, by a permutation seeded with ``split_seed``).
     ``train_subset`` caps the training examples and ``eval_subset`` the validation and the test
     examples (``null`` keeps all); they exist for quick experiments and tests, never for
     reported numbers.
@@ -116,49 +161,106 @@ class DataConfig:
 
     dataset: str = "mnist"
     binarization: str = "dynamic"
-    validation_size: int = 10000
+    validation_size: int | None = None
+    test_size: int | None = None
     split_seed: int = 0
     binarization_seed: int = 0
     train_subset: int | None = None
     eval_subset: int | None = None
 
     _checks = (_choice("dataset", DATASETS), _choice("binarization", BINARIZATIONS),
-               _positive("validation_size", "train_subset", "eval_subset"),
+               _dataset_binarization, _fixed_split,
+               _positive("validation_size", "test_size", "train_subset", "eval_subset"),
                _non_negative("split_seed", "binarization_seed"))
+
+    @property
+    def likelihood(self) -> str:
+        """The decoder's likelihood this data calls for: ``bernoulli`` for binary data, else ``gaussian``."""
+        return "gaussian" if self.binarization == "none" else "bernoulli"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: one tanh hidden layer in encoder and decoder (AEVB, App. C)."""
+    """Architecture: ``hidden_layers`` tanh layers of ``hidden_dim`` units in the encoder and, mirrored,
+    in the decoder (AEVB App. C: one layer; IWAE's one-stochastic-layer model: two of 200).
+
+    ``init_std`` null keeps PyTorch's default initialisation; a number draws every weight and
+    bias from N(0, init_std^2) (AEVB Sec. 5: N(0, 0.01), read as a standard deviation of 0.01, as in
+    the authors' code). The decoder's likelihood follows the data (``DataConfig.likelihood``).
+    """
 
     latent_dim: int = 20
     hidden_dim: int = 500
+    hidden_layers: int = 1
+    init_std: float | None = None
 
-    _checks = (_positive("latent_dim", "hidden_dim"),)
+    _checks = (_positive("latent_dim", "hidden_dim", "hidden_layers", "init_std"),)
+
+
+def _one_length(self) -> list[str]:
+    if (self.epochs is None) == (self.training_samples is None):
+        return [f"epochs = {self.epochs!r}: set exactly one of epochs and training_samples "
+                f"(training_samples = {self.training_samples!r})"]
+    return []
+
+
+def _iwae_samples(self) -> list[str]:
+    if self.objective == "elbo" or self.samples > 1 or self.samples < 1:
+        return []
+    return [f"samples = {self.samples!r}: the iwae objective with k = 1 is the ELBO; expected k > 1 "
+            "(or objective: elbo)"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (stage ``train``). ``elbo_eval_size`` training examples give the per-epoch train ELBO."""
+    """Optimisation (stage ``train``).
+
+    Length: ``epochs`` passes over the training set, or ``training_samples`` training examples
+    evaluated (AEVB Fig. 2's x-axis; the last pass may be partial); exactly one is set.
+    ``schedule`` ``iwae`` divides the learning rate by 10^(i/7) during passes 3^0 + ... + 3^(i-1)
+    to 3^0 + ... + 3^i (Burda et al. 2016, Sec. 5; 3280 passes for i = 0..7).
+    ``step_size_candidates``: when set, each candidate trains from the same initial parameters
+    for ``step_size_selection_samples`` examples and the one with the best training ELBO is used
+    (AEVB Sec. 5; ``learning_rate`` is then ignored).
+    ``objective`` ``elbo`` (SGVB estimator B with ``samples`` = L) or ``iwae`` (the k-sample
+    importance-weighted bound, Burda et al. 2016 Eq. 8, ``samples`` = k > 1).
+    ``map_prior`` adds a N(0, I) prior on the parameters, scaled by 1 / (training examples):
+    weight decay making the fit approximate MAP (AEVB Sec. 5).
+    ``curve_points`` bounds how many (log-spaced) passes get a train and validation ELBO;
+    ``log_interval`` minibatches are averaged into each row of the per-step curve.
+    ``checkpoint_interval`` seconds between resumable checkpoints (0: after every pass); a
+    re-run after an interruption resumes from the last one. ``early_stopping_patience``
+    evaluations without a better validation ELBO stop training and keep the best parameters
+    (null: off).
+    """
 
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    epsilon: float | None = None
+    step_size_candidates: list[float] | None = None
+    step_size_selection_samples: int = 100000
+    schedule: str = "constant"
+    objective: str = "elbo"
+    samples: int = 1
+    map_prior: bool = False
     batch_size: int = 100
-    epochs: int = 30
+    epochs: int | None = 30
+    training_samples: int | None = None
     seed: int = 0
     device: str = "auto"
     elbo_eval_size: int = 10000
+    curve_points: int = 200
+    log_interval: int = 50
+    checkpoint_interval: int = 60
+    early_stopping_patience: int | None = None
 
     _checks = (_choice("optimizer", OPTIMIZERS), _choice("device", DEVICES),
-               _positive("learning_rate", "batch_size", "epochs", "elbo_eval_size"),
-               _non_negative("seed"))
-
-
-def _positive_items(name: str):
-    def check(self) -> list[str]:
-        value = getattr(self, name)
-        return [] if all(item > 0 for item in value) else [f"{name} = {value!r}: expected integers > 0"]
-    return check
+               _choice("schedule", SCHEDULES), _choice("objective", OBJECTIVES),
+               _positive("learning_rate", "epsilon", "step_size_selection_samples", "samples", "batch_size",
+                         "epochs", "training_samples", "elbo_eval_size", "curve_points", "log_interval",
+                         "early_stopping_patience"),
+               _positive_items("step_size_candidates"),
+               _one_length, _iwae_samples, _non_negative("seed", "checkpoint_interval"))
 
 
 @dataclass(frozen=True)
@@ -206,10 +308,15 @@ class VisualizeConfig:
                _non_negative("seed"))
 
 
+PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
 @dataclass(frozen=True)
 class Params:
-    """All sections of ``params.yaml``."""
+    """All sections of ``params.yaml``, and ``profile``: the name of the named configuration
+    (``vae profile``) the file was written from, recorded with every result."""
 
+    profile: str = "quick"
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,9 +329,9 @@ class Params:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"section.key": value}`` for every parameter, e.g. to log to MLflow."""
-        return {f"{section}.{key}": value
-                for section, values in self.to_dict().items() for key, value in values.items()}
+        """``{"section.key": value}`` for every parameter of every section, e.g. to log to MLflow."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items()
+                if isinstance(values, dict) for key, value in values.items()}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -247,7 +354,8 @@ def _type_name(annotation: Any) -> str:
         return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    return {type(None): "null", int: "an integer", float: "a number", str: "a string"}.get(
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string",
+            bool: "true or false"}.get(
         annotation, getattr(annotation, "__name__", str(annotation)))
 
 
@@ -308,13 +416,19 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    sections = {f.name: f for f in dataclasses.fields(Params)}
-    unknown = [key for key in raw if key not in sections]
+    sections = {f.name: f for f in dataclasses.fields(Params) if f.name != "profile"}
+    unknown = [key for key in raw if key not in sections and key != "profile"]
     if unknown:
         raise ConfigError(f"{source}: invalid parameters:\n"
-                          + "\n".join(f"  {_unknown(k, list(sections), 'section')}" for k in unknown))
+                          + "\n".join(f"  {_unknown(k, ['profile', *sections], 'section')}" for k in unknown))
     built = {}
     errors = []
+    profile = raw.get("profile", Params.profile)
+    if not isinstance(profile, str) or not PROFILE_PATTERN.fullmatch(profile):
+        errors.append(f"  profile = {profile!r}: expected a profile name (lower-case letters, digits, "
+                      "hyphens), e.g. quick")
+    else:
+        built["profile"] = profile
     for name, section_field in sections.items():
         cls = typing.get_type_hints(Params)[name]
         try:

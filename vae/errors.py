@@ -30,3 +30,7 @@ class CheckpointError(VaeError):
 
 class TrackingError(VaeError):
     """The MLflow tracking store cannot be reached or refused a request."""
+
+
+class TrainingError(VaeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""

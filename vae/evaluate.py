@@ -74,10 +74,10 @@ def run(params: Params, progress: bool = True) -> dict:
     model = load_model(paths.checkpoint, device)
     folder = paths.processed_dir(params.data.dataset)
     test, train = load_split(folder / "test.pt"), load_split(folder / "train.pt")
-    test_x = test.binarized(device=device)
+    test_x = test.values(device=device)
     train_count = len(train) if config.train_examples is None else min(config.train_examples, len(train))
     fixed = torch.Generator(device=device).manual_seed(config.seed)
-    train_x = train.binarized(generator=fixed, device=device)[:train_count]
+    train_x = train.values(generator=fixed, device=device)[:train_count]
     k, curve = config.importance_samples, config.curve
 
     started = time.perf_counter()
@@ -98,9 +98,11 @@ def run(params: Params, progress: bool = True) -> dict:
         rows.append(row)
     curve_frame = pd.DataFrame(rows)
     metrics = {
-        "dataset": summary["dataset"], "binarization": summary["binarization"],
-        "latent_dim": summary["latent_dim"], "hidden_dim": summary["hidden_dim"],
-        "epochs": summary["epochs"], "importance_samples": k, "test_examples": len(test_x),
+        **{key: summary.get(key) for key in ("profile", "dataset", "binarization", "likelihood", "latent_dim",
+                                             "hidden_dim", "hidden_layers", "objective", "samples",
+                                             "optimizer", "learning_rate", "batch_size", "epochs",
+                                             "examples_seen")},
+        "importance_samples": k, "test_examples": len(test_x),
         "test_log_likelihood": round(test_ll, 4), "test_log_likelihood_stderr": round(test_se, 4),
         "test_elbo": round(float(results["test"].elbo.double().mean()), 4),
         "train_examples_evaluated": train_count,

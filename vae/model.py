@@ -1,8 +1,11 @@
 """The AEVB variational autoencoder (Kingma & Welling 2014, Sec. 3 and App. C).
 
-Encoder q(z|x) = N(mu(x), diag exp(log_var(x))) and Bernoulli decoder p(x|z) = Bernoulli(sigmoid(
-logits(z))), each an MLP with one tanh hidden layer; prior p(z) = N(0, I). Checkpoints hold only
-tensors and plain values, and :func:`load_model` reads them with ``torch.load(weights_only=True)``.
+Encoder q(z|x) = N(mu(x), diag exp(log_var(x))); prior p(z) = N(0, I); decoder p(x|z) either
+Bernoulli(sigmoid(logits(z))) for binary data or, for real-valued data in [0, 1] (Frey Face),
+N(x; sigmoid(logits(z)), diag exp(log_var(z))) with a learned per-pixel log-variance (App. C.2,
+means constrained to (0, 1) by a sigmoid as for Frey Face in Sec. 5). Encoder and decoder are MLPs
+with ``hidden_layers`` tanh layers. Checkpoints hold only tensors and plain values, and
+:func:`load_model` reads them with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -20,38 +23,70 @@ from vae.io import atomic_open
 CHECKPOINT_FORMAT = "vae-pipeline/checkpoint"
 CHECKPOINT_VERSION = 1
 FLOAT_BYTES = 4
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def _tanh_mlp(first: int, hidden_dim: int, layers: int) -> list[nn.Module]:
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules += [nn.Linear(first if i == 0 else hidden_dim, hidden_dim), nn.Tanh()]
+    return modules
 
 
 class VAE(nn.Module):
-    """Gaussian-encoder, Bernoulli-decoder VAE with one tanh hidden layer on each side.
+    """Gaussian-encoder VAE with a Bernoulli or Gaussian decoder and tanh hidden layers.
 
     Args:
-        input_dim: D, pixels per image (784 for MNIST).
-        hidden_dim: tanh units in the encoder's and the decoder's hidden layer.
+        input_dim: D, pixels per image (784 for MNIST, 560 for Frey Face).
+        hidden_dim: tanh units in each hidden layer of the encoder and the decoder.
         latent_dim: N_z, the size of z.
+        hidden_layers: hidden layers on each side (AEVB: 1; IWAE's 784-200-200-50 model: 2).
+        likelihood: ``bernoulli`` (binary data) or ``gaussian`` (real data in [0, 1]).
+
+    Raises:
+        ValueError: a size below 1 or an unknown likelihood.
     """
 
-    def __init__(self, input_dim: int = 784, hidden_dim: int = 500, latent_dim: int = 20) -> None:
+    def __init__(self, input_dim: int = 784, hidden_dim: int = 500, latent_dim: int = 20,
+                 hidden_layers: int = 1, likelihood: str = "bernoulli") -> None:
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood = {likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
+        if min(input_dim, hidden_dim, latent_dim, hidden_layers) < 1:
+            raise ValueError(f"sizes must be >= 1, got input_dim={input_dim}, hidden_dim={hidden_dim}, "
+                             f"latent_dim={latent_dim}, hidden_layers={hidden_layers}")
         self.input_dim, self.hidden_dim, self.latent_dim = input_dim, hidden_dim, latent_dim
-        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.Tanh())
+        self.hidden_layers, self.likelihood = hidden_layers, likelihood
+        self.encoder = nn.Sequential(*_tanh_mlp(input_dim, hidden_dim, hidden_layers))
         self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
         self.encoder_log_var = nn.Linear(hidden_dim, latent_dim)
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(),
+        self.decoder = nn.Sequential(*_tanh_mlp(latent_dim, hidden_dim, hidden_layers),
                                      nn.Linear(hidden_dim, input_dim))
+        # The Gaussian decoder's second head reads the same last hidden layer as the means.
+        self.decoder_log_var = nn.Linear(hidden_dim, input_dim) if likelihood == "gaussian" else None
 
-    def config(self) -> dict[str, int]:
+    def config(self) -> dict[str, Any]:
         """The constructor arguments, as stored in checkpoints."""
-        return {"input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "latent_dim": self.latent_dim}
+        return {"input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "latent_dim": self.latent_dim,
+                "hidden_layers": self.hidden_layers, "likelihood": self.likelihood}
+
+    @torch.no_grad()
+    def initialize_normal_(self, std: float, generator: torch.Generator | None = None) -> VAE:
+        """Draw every weight and bias from N(0, std^2) (AEVB Sec. 5: N(0, 0.01)); returns self."""
+        for parameter in self.parameters():
+            parameter.normal_(0.0, std, generator=generator)
+        return self
 
     def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
         """Validate x and return it in the parameters' dtype (0 and 1 are exact in any float type)."""
         if not torch.is_floating_point(x) or x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"x: expected a float tensor of shape (batch, {self.input_dim}), "
                              f"got {x.dtype} {tuple(x.shape)}")
-        if not bool(((x == 0) | (x == 1)).all()):
+        if self.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
             raise ValueError("x: expected values in {0, 1} (binarize grey images first; a Bernoulli "
                              "likelihood of grey values is not a likelihood)")
+        if self.likelihood == "gaussian" and not bool(torch.isfinite(x).all()):
+            raise ValueError("x: expected finite values")
         return x.to(self.encoder[0].weight.dtype)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +95,19 @@ class VAE(nn.Module):
         return self.encoder_mean(hidden), self.encoder_log_var(hidden)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits of p(x|z): z (..., latent_dim) -> (..., D); sigmoid gives the means."""
+        """Logits of the decoder's means: z (..., latent_dim) -> (..., D); sigmoid gives the means
+        (the Bernoulli probabilities, or the Gaussian means)."""
         return self.decoder(z)
+
+    def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits of the means, log-variance or None for Bernoulli): z (..., latent_dim) -> (..., D) each."""
+        hidden = self.decoder[:-1](z)
+        log_var = self.decoder_log_var(hidden) if self.decoder_log_var is not None else None
+        return self.decoder[-1](hidden), log_var
+
+    def decoder_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x|z] = sigmoid(logits(z)): z (..., latent_dim) -> (..., D) float in (0, 1)."""
+        return torch.sigmoid(self.decode(z))
 
     def reparameterize(self, mu: torch.Tensor, log_var: torch.Tensor, samples: int | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -71,15 +117,22 @@ class VAE(nn.Module):
     def decoder_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over pixels: x (batch, D), z (..., batch, latent_dim) -> (..., batch), nats.
 
-        Without autograd (evaluation) it takes a fused path: in-place activations and
+        Bernoulli: minus the binary cross-entropy with logits. Gaussian: log N(x; sigmoid(logits),
+        diag exp(log_var)), a density (it can be positive). Without autograd (evaluation) the
+        Bernoulli decoder takes a fused path: in-place activations and
         :func:`vae.objectives.bernoulli_log_prob_`, which reads each logit from cache a few
         times instead of from memory, the difference being float rounding (about 1e-4 nats).
         """
+        if self.likelihood == "gaussian":
+            logits, log_var = self.decoder_params(z)
+            return objectives.gaussian_log_prob(x, torch.sigmoid(logits), log_var)
         if torch.is_grad_enabled():
             return objectives.bernoulli_log_prob(x, self.decode(z))
-        first, last = self.decoder[0], self.decoder[2]
-        hidden = torch.addmm(first.bias, z.reshape(-1, self.latent_dim), first.weight.t())
-        hidden.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(h) = 2 sigmoid(2h) - 1, vectorised
+        hidden = z.reshape(-1, self.latent_dim)
+        for layer in self.decoder[:-1:2]:  # the Linear of each (Linear, Tanh) pair
+            hidden = torch.addmm(layer.bias, hidden, layer.weight.t())
+            hidden.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(h) = 2 sigmoid(2h) - 1, vectorised
+        last = self.decoder[-1]
         logits = torch.addmm(last.bias, hidden, last.weight.t()).view(*z.shape[:-1], self.input_dim)
         return objectives.bernoulli_log_prob_(x, logits)
 
@@ -91,7 +144,7 @@ class VAE(nn.Module):
         """SGVB estimate of the ELBO per example (Kingma & Welling 2014, Eq. 7), analytic KL.
 
         Args:
-            x: (batch, D) float tensor with values in {0, 1}.
+            x: (batch, D) float tensor: values in {0, 1} (Bernoulli decoder) or real (Gaussian).
             samples: L, Monte Carlo samples of z per example.
         Returns:
             (batch,) float, nats per example (negative; higher is better).
@@ -106,7 +159,7 @@ class VAE(nn.Module):
         """Importance-sampled log p(x), L_k (Burda et al. 2016, Eq. 8), per example.
 
         Args:
-            x: (batch, D) float tensor with values in {0, 1}.
+            x: (batch, D) float tensor: values in {0, 1} (Bernoulli decoder) or real (Gaussian).
             importance_samples: k; the field reports k = 5000.
             memory_budget_mb: bound on the working memory of one chunk of (example, sample) pairs
                 (16 MB suits CPU caches; on a GPU, larger chunks run faster).
@@ -132,7 +185,8 @@ class VAE(nn.Module):
         Per pair the evaluation holds the noise and z, the decoder's hidden layer and the logits
         (overwritten in place by the log-likelihood): about (2 latent + hidden + D) floats.
         """
-        per_pair = (2 * self.latent_dim + self.hidden_dim + self.input_dim) * FLOAT_BYTES
+        outputs = self.input_dim * (3 if self.likelihood == "gaussian" else 1)
+        per_pair = (2 * self.latent_dim + self.hidden_dim * self.hidden_layers + outputs) * FLOAT_BYTES
         return max(1, int(memory_budget_mb * 2**20 // per_pair))
 
     @torch.no_grad()
@@ -140,7 +194,7 @@ class VAE(nn.Module):
         """Decoder means sigmoid(logits(z)) for z ~ p(z): (count, D) float in (0, 1)."""
         device = next(self.parameters()).device
         z = torch.randn(count, self.latent_dim, generator=generator, device=device)
-        return torch.sigmoid(self.decode(z))
+        return self.decoder_mean(z)
 
 
 def save_checkpoint(model: VAE, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
@@ -180,7 +234,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
 
     The returned module is in eval mode and offers ``encode(x) -> (mu, log_var)``,
     ``decode(z) -> logits``, ``elbo(x)`` and ``log_likelihood(x, importance_samples)`` for x a
-    float tensor of shape (batch, 784) with values in {0, 1}; results in nats per example.
+    float tensor of shape (batch, D) (binary for a Bernoulli decoder); results in nats per example.
 
     Raises:
         CheckpointError: the file is missing, is not a checkpoint of this project, or its
@@ -190,6 +244,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
     try:
         model = VAE(**payload["model_config"])
         model.load_state_dict(payload["state_dict"])
-    except (TypeError, RuntimeError, KeyError) as error:
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None
     return model.to(device).eval()

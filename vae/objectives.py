@@ -104,6 +104,26 @@ def log_importance_weights(model: LatentVariableModel, x: torch.Tensor, mu: torc
     return log_w, log_px_given_z
 
 
+def iwae_bound(model: LatentVariableModel, x: torch.Tensor, importance_samples: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The importance-weighted bound L_k as a training objective (Burda et al. 2016, Eq. 8 and Sec. 3).
+
+    L_k(x) = log (1/k) sum_i w_i, w_i = p(x, z_i) / q(z_i|x), z_i = mu + sigma * eps_i; the noise is
+    reparameterized, so the gradient flows through every z_i (each weighted by its normalized w_i).
+    L_1 is the ELBO estimator A; L_k <= L_{k+1} <= log p(x) in expectation.
+    Shapes: x (batch, D) -> (batch,); nats per example.
+
+    Raises:
+        ValueError: ``importance_samples < 1``.
+    """
+    if importance_samples < 1:
+        raise ValueError(f"importance_samples = {importance_samples}: expected an integer >= 1")
+    mu, log_var = model.encode(x)
+    eps = torch.randn((importance_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    log_w, _ = log_importance_weights(model, x, mu, log_var, eps)
+    return torch.logsumexp(log_w, dim=0) - math.log(importance_samples)
+
+
 LOG_SIGMOID_FLOOR = -80.0  # below this, log sigmoid(t) = t to float precision (e^-80 ~ 1e-35)
 
 

@@ -166,11 +166,13 @@ def _warn_off(stage: str) -> None:
 
 
 @contextlib.contextmanager
-def start_run(experiment: str, run_name: str, stage: str,
-              tags: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any] | None = None,
+              resume_run_id: str | None = None) -> Iterator[Tracker | NullTracker]:
     """Create the pipeline execution's run in ``experiment`` (created if missing) and yield a tracker.
 
-    The run is marked FINISHED when the block succeeds and FAILED when it raises.
+    ``resume_run_id`` (an interrupted training run resuming from its checkpoint) reopens that
+    run instead when the store still holds it. The run is marked FINISHED when the block
+    succeeds and FAILED when it raises.
 
     Raises:
         TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
@@ -181,6 +183,17 @@ def start_run(experiment: str, run_name: str, stage: str,
         return
     client, uri = _client()
     tracker = Tracker(client, "", uri)
+    if resume_run_id:
+        try:
+            client.get_run(resume_run_id)
+            tracker.run_id = resume_run_id
+        except Exception:  # deleted, or another store: start a new run
+            print(f"MLflow: run {resume_run_id} of the interrupted training is not in {uri}; "
+                  "starting a new run", file=sys.stderr)
+    if tracker.run_id:
+        with _run_status(tracker, stage):
+            yield tracker
+        return
     found = tracker._call(client.get_experiment_by_name, experiment)
     experiment_id = found.experiment_id if found else tracker._call(client.create_experiment, experiment)
     all_tags = {"mlflow.runName": run_name, "mlflow.source.git.commit": git_commit(), **(tags or {})}

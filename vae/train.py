@@ -1,18 +1,36 @@
-"""The ``train`` stage: fit the VAE by maximising the SGVB ELBO (Kingma & Welling 2014, Alg. 1).
+"""The ``train`` stage: fit the VAE by stochastic gradient ascent on a variational bound.
 
-Loss = minus the ELBO in nats per example (sum over pixels, mean over the minibatch, analytic KL).
+Objectives: the SGVB ELBO, estimator B with an analytic KL (Kingma & Welling 2014, Alg. 1, Eq. 7),
+or the k-sample importance-weighted bound (Burda et al. 2016, Eq. 8). The loss is minus the bound
+in nats per example (sum over pixels, mean over the minibatch), plus, with ``map_prior``, the
+N(0, I) prior on the parameters scaled by 1 / N (weight decay; AEVB Sec. 5's approximate MAP).
+
 The whole dataset sits on the device as one tensor and minibatches are taken by indexing a
 permutation; dynamic binarization draws x ~ Bernoulli(intensity) for each minibatch on the device.
 No DataLoader and no per-example Python work: for models this small, indexing is far faster.
+
+Training survives interruption: every ``checkpoint_interval`` seconds (at the end of a pass) the
+model, the optimizer, the random generator and the histories are written atomically to
+``models/train_state.pt``; a re-run with the same parameters and data resumes from there and
+ends with the same parameters as an uninterrupted run (same device and thread count). A
+non-finite loss stops training with :class:`~vae.errors.TrainingError`, naming the step, and the
+last good checkpoint stays.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -21,30 +39,113 @@ from vae import objectives, tracking
 from vae.config import Params, TrainConfig
 from vae.data.splits import Split, load_splits
 from vae.devices import describe, resolve_device
-from vae.io import write_csv, write_json
+from vae.errors import TrainingError
+from vae.io import atomic_open, write_csv, write_json
 from vae.model import VAE, save_checkpoint
 
 EVAL_BATCH = 10000
+STATE_FORMAT = "vae-pipeline/train-state"
+STATE_VERSION = 1
 
 
-@dataclass
-class TrainResult:
-    """What training produced: per-epoch and per-step histories (ELBOs in nats per example)."""
+def make_optimizer(config: TrainConfig, parameters, learning_rate: float,
+                   train_examples: int) -> torch.optim.Optimizer:
+    """``adam`` (betas 0.9, 0.999) or ``adagrad`` (the AEVB paper's) at ``learning_rate``.
 
-    model: VAE
-    epochs: pd.DataFrame  # columns: epoch, examples_seen, train_elbo, valid_elbo, seconds
-    steps: pd.DataFrame  # columns: step, examples_seen, train_elbo (minibatch estimate)
-    seconds: float
-    device: str
+    With ``config.map_prior`` the weight decay is 1 / ``train_examples``: its gradient is that of
+    ||theta||^2 / (2N), minus the log N(0, I) prior of the parameters divided by the N examples
+    the per-example loss averages over (AEVB Sec. 5). ``config.epsilon`` replaces the default eps.
+    """
+    options: dict[str, Any] = {"lr": learning_rate,
+                               "weight_decay": 1.0 / train_examples if config.map_prior else 0.0}
+    if config.epsilon is not None:
+        options["eps"] = config.epsilon
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, betas=(0.9, 0.999), **options)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(parameters, **options)
+    raise ValueError(f"optimizer {config.optimizer!r}: expected adam or adagrad")
 
 
-def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.Optimizer:
-    """``adam`` or ``adagrad`` (the AEVB paper's) with the given global step size."""
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate)
-    if name == "adagrad":
-        return torch.optim.Adagrad(parameters, lr=learning_rate)
-    raise ValueError(f"optimizer {name!r}: expected adam or adagrad")
+def schedule_stage(pass_index: int) -> int:
+    """The stage i of IWAE's schedule that pass ``pass_index`` (0-based) falls in: passes
+    (3^i - 1) / 2 to (3^(i+1) - 1) / 2 - 1, i.e. 3^i passes per stage (Burda et al. 2016, Sec. 5)."""
+    stage = 0
+    while (3 ** (stage + 1) - 1) // 2 <= pass_index:
+        stage += 1
+    return stage
+
+
+def learning_rate_at(config: TrainConfig, base: float, pass_index: int) -> float:
+    """The step size of pass ``pass_index`` (0-based): ``base``, or base * 10^(-i/7) under ``iwae``."""
+    if config.schedule == "iwae":
+        return base * 10.0 ** (-schedule_stage(pass_index) / 7.0)
+    return base
+
+
+def evaluation_passes(passes: int, points: int) -> set[int]:
+    """The passes (1-based) after which the train and validation ELBO are computed: every pass
+    when there are at most ``points``, else ``points`` log-spaced ones (the curves are drawn on a
+    log axis) and always the last."""
+    if passes <= points:
+        return set(range(1, passes + 1))
+    return {int(p) for p in np.unique(np.round(np.geomspace(1, passes, points)))} | {passes}
+
+
+class TrainingData:
+    """The training examples on the device, and how a minibatch is drawn from them.
+
+    Dynamically binarized data keeps its intensities (N, D) in [0, 1] and samples a fresh
+    Bernoulli draw per minibatch; binary data (static) and real data (Frey Face) are used as is.
+    """
+
+    def __init__(self, split: Split, device: torch.device) -> None:
+        self.resample = split.binarization == "dynamic" and not split.binary
+        if self.resample:
+            self.values = split.images.to(device).float().div_(255.0)
+        else:
+            self.values = split.values(device=device)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def minibatch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(len(index), D) float: the examples at ``index``, binarized afresh when dynamic."""
+        x = self.values[index]
+        return torch.bernoulli(x, generator=generator) if self.resample else x
+
+    def fixed(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """The first ``count`` examples, binarized once with ``generator`` (for a fixed train ELBO)."""
+        x = self.values[:count]
+        return torch.bernoulli(x, generator=generator) if self.resample else x
+
+
+def minibatch_objective(model: VAE, x: torch.Tensor, config: TrainConfig,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Per-example bound (batch,), nats: the ELBO with L = ``samples`` or L_k with k = ``samples``."""
+    if config.objective == "iwae":
+        return objectives.iwae_bound(model, x, config.samples, generator)
+    return objectives.elbo(model, x, config.samples, generator)
+
+
+def run_pass(model: VAE, optimizer: torch.optim.Optimizer, data: TrainingData, count: int,
+             config: TrainConfig, generator: torch.Generator, bar: tqdm | None = None) -> torch.Tensor:
+    """One pass over the first ``count`` examples of a fresh permutation, one optimizer step per
+    minibatch. Returns each minibatch's mean bound, (steps,) float on the device (not synced)."""
+    order = torch.randperm(len(data), generator=generator, device=data.values.device)
+    steps = -(-count // config.batch_size)
+    values = torch.empty(steps, device=data.values.device)
+    for i in range(steps):
+        stop = min((i + 1) * config.batch_size, count)
+        x = data.minibatch(order[i * config.batch_size : stop], generator)
+        loss = -minibatch_objective(model, x, config, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        values[i] = -loss.detach()
+        if bar is not None:
+            bar.update()
+    return values
 
 
 @torch.no_grad()
@@ -57,73 +158,278 @@ def dataset_elbo(model: VAE, x: torch.Tensor, seed: int) -> float:
     return total / len(x)
 
 
+def select_step_size(model: VAE, data: TrainingData, config: TrainConfig, train_x: torch.Tensor,
+                     progress: bool = True) -> tuple[float, dict[str, float]]:
+    """Pick the global step size as the AEVB paper did (Sec. 5): train from the model's current
+    parameters with each of ``config.step_size_candidates`` for ``step_size_selection_samples``
+    examples (same minibatches for each) and keep the one with the best training ELBO on ``train_x``.
+
+    The model's parameters are left as they were. Returns (chosen step size, {candidate: ELBO}).
+
+    Raises:
+        TrainingError: every candidate diverged.
+    """
+    initial = copy.deepcopy(model.state_dict())
+    scores: dict[str, float] = {}
+    device = data.values.device
+    for candidate in config.step_size_candidates:
+        model.load_state_dict(initial)
+        model.train()
+        optimizer = make_optimizer(config, model.parameters(), candidate, len(data))
+        generator = torch.Generator(device=device).manual_seed(config.seed + 7)
+        done = 0
+        with tqdm(total=config.step_size_selection_samples, desc=f"step size {candidate:g}", unit="example",
+                  disable=not progress) as bar:
+            while done < config.step_size_selection_samples:
+                count = min(len(data), config.step_size_selection_samples - done)
+                run_pass(model, optimizer, data, count, config, generator)
+                done += count
+                bar.update(count)
+        model.eval()
+        score = dataset_elbo(model, train_x, config.seed + 2)
+        scores[f"{candidate:g}"] = score if math.isfinite(score) else -math.inf
+        print(f"step size {candidate:g}: train ELBO {score:.2f} nats after {done} examples", flush=True)
+    model.load_state_dict(initial)
+    model.train()
+    best = max(config.step_size_candidates, key=lambda c: scores[f"{c:g}"])
+    if not math.isfinite(scores[f"{best:g}"]):
+        raise TrainingError(f"train.step_size_candidates = {config.step_size_candidates}: every step size "
+                            "diverged (non-finite training ELBO); try smaller ones")
+    return best, scores
+
+
+@dataclass
+class Progress:
+    """The resumable part of training: where it is, what it has recorded, and its choices."""
+
+    learning_rate: float
+    step_size_trials: dict[str, float] = field(default_factory=dict)
+    passes_done: int = 0
+    examples_seen: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    epoch_rows: list[dict] = field(default_factory=list)
+    step_rows: list[tuple[int, int, float]] = field(default_factory=list)
+    best_valid_elbo: float = -math.inf
+    best_pass: int = 0
+    evaluations_since_best: int = 0
+    stopped_early: bool = False
+    resumed_from: list[int] = field(default_factory=list)
+
+
+class ResumableState:
+    """The train stage's resumable checkpoint (``models/train_state.pt``), tied to its inputs.
+
+    ``fingerprint`` identifies the training data and the parameters that change the result;
+    a state written under another fingerprint is ignored (training starts over) and replaced.
+    Read with ``torch.load(weights_only=True)``; written atomically.
+    """
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def load(self) -> dict | None:
+        """The saved state, or None when there is none usable (the reason is printed)."""
+        if not self.path.is_file():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged file: training starts over and replaces it
+            print(f"{self.path}: unreadable training checkpoint ({error}); starting from scratch",
+                  file=sys.stderr)
+            return None
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT \
+                or payload.get("format_version") != STATE_VERSION:
+            print(f"{self.path}: not a training checkpoint of this version; starting from scratch",
+                  file=sys.stderr)
+            return None
+        if payload.get("fingerprint") != self.fingerprint:
+            print(f"{self.path}: written for other data or parameters; starting from scratch", file=sys.stderr)
+            return None
+        return payload
+
+    def save(self, payload: dict) -> None:
+        with atomic_open(self.path) as handle:
+            torch.save({"format": STATE_FORMAT, "format_version": STATE_VERSION,
+                        "fingerprint": self.fingerprint, **payload}, handle)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class TrainResult:
+    """What training produced: per-pass and per-step histories (ELBOs in nats per example)."""
+
+    model: VAE
+    epochs: pd.DataFrame  # columns: epoch, examples_seen, train_elbo, valid_elbo, learning_rate, seconds
+    steps: pd.DataFrame  # columns: step, examples_seen, train_elbo (mean minibatch bound over log_interval steps)
+    progress: Progress
+    device: str
+
+    @property
+    def seconds(self) -> float:
+        return self.progress.seconds
+
+
+def _state_dict_copy(model: VAE) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
 def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, device: torch.device,
-                on_epoch: Callable[[dict, list[tuple[int, float]]], None] | None = None,
-                progress: bool = True) -> TrainResult:
-    """Train ``model`` in place.
+                on_evaluation: Callable[[dict, list[tuple[int, float]]], None] | None = None,
+                progress: bool = True, state: ResumableState | None = None,
+                extra_state: dict | None = None) -> TrainResult:
+    """Train ``model`` in place, resuming from ``state`` when it holds a usable checkpoint.
 
     Args:
-        train: training split (grey intensities are binarized dynamically per minibatch).
-        valid: validation split, binary.
-        on_epoch: called after each epoch with that epoch's row and its (examples_seen,
-            minibatch ELBO) step points, e.g. to log them.
+        train: training split (dynamically binarized grey images are resampled per minibatch).
+        valid: validation split.
+        on_evaluation: called after each evaluated pass with that pass's row and the
+            (examples_seen, bound) points of the per-step curve since the previous call.
+        state: where resumable checkpoints go (None: no checkpoints).
+        extra_state: plain values stored in each checkpoint (e.g. the MLflow run id).
 
     Returns:
         :class:`TrainResult` with the histories.
+
+    Raises:
+        TrainingError: a non-finite loss or ELBO; the last checkpoint in ``state`` is kept.
     """
     model.to(device).train()
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
-    intensities = train.images.to(device).float().div_(255.0)
-    if train.binary:
-        intensities = intensities.round_()
-    valid_x = valid.binarized(device=device)
+    data = TrainingData(train, device)
+    valid_x = valid.values(device=device)
     fixed = torch.Generator(device=device).manual_seed(config.seed + 1)
-    eval_subset = slice(0, min(config.elbo_eval_size, len(train)))
-    train_eval_x = torch.bernoulli(intensities[eval_subset], generator=fixed)
+    train_x = data.fixed(min(config.elbo_eval_size, len(data)), fixed)
+    total = config.training_samples if config.training_samples is not None else config.epochs * len(data)
+    passes = -(-total // len(data))
+    evaluated = evaluation_passes(passes, config.curve_points)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    examples, step = len(train), 0
-    steps_per_epoch = -(-examples // config.batch_size)
-    epoch_rows, step_rows = [], []
-    started = time.perf_counter()
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
-    for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(examples, generator=generator, device=device)
-        step_elbos = torch.empty(steps_per_epoch, device=device)
-        for i, start in enumerate(range(0, examples, config.batch_size)):
-            x = torch.bernoulli(intensities[order[start : start + config.batch_size]], generator=generator)
-            loss = -objectives.elbo(model, x, generator=generator).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_elbos[i] = -loss.detach()
-            bar.update()
-        step_values = step_elbos.tolist()  # one device sync per epoch
-        points = []
-        for i, value in enumerate(step_values):
-            step += 1
-            seen = (epoch - 1) * examples + min((i + 1) * config.batch_size, examples)
-            step_rows.append((step, seen, value))
-            points.append((seen, value))
-        model.eval()
-        row = {"epoch": epoch, "examples_seen": epoch * examples,
-               "train_elbo": dataset_elbo(model, train_eval_x, config.seed + 2),
-               "valid_elbo": dataset_elbo(model, valid_x, config.seed + 3),
-               "seconds": time.perf_counter() - started}
-        model.train()
-        epoch_rows.append(row)
-        bar.set_postfix(train_elbo=f"{row['train_elbo']:.2f}", valid_elbo=f"{row['valid_elbo']:.2f}")
-        if not progress:
-            print(f"epoch {epoch}/{config.epochs}: train ELBO {row['train_elbo']:.2f}, "
-                  f"valid ELBO {row['valid_elbo']:.2f} nats", flush=True)
-        if on_epoch is not None:
-            on_epoch(row, points)
+    saved = state.load() if state is not None else None
+    best_state = None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        record = Progress(**saved["progress"])
+        optimizer = make_optimizer(config, model.parameters(), record.learning_rate, len(data))
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        best_state = saved.get("best_model")
+        record.resumed_from.append(record.passes_done)
+        print(f"resuming from {state.path}: pass {record.passes_done} of {passes}, "
+              f"{record.examples_seen} examples seen", flush=True)
+    else:
+        learning_rate, trials = config.learning_rate, {}
+        if config.step_size_candidates:
+            learning_rate, trials = select_step_size(model, data, config, train_x, progress)
+            print(f"step size {learning_rate:g} chosen from {config.step_size_candidates}", flush=True)
+        record = Progress(learning_rate=learning_rate, step_size_trials=trials)
+        optimizer = make_optimizer(config, model.parameters(), learning_rate, len(data))
+
+    def checkpoint() -> None:
+        if state is not None:
+            state.save({"model": _state_dict_copy(model), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "progress": asdict(record),
+                        "best_model": best_state, **(extra_state or {})})
+
+    steps_total = -(-len(data) // config.batch_size) * (passes - 1) + -(-(total - (passes - 1) * len(data))
+                                                                      // config.batch_size)
+    started, last_checkpoint, seconds_before = time.perf_counter(), time.perf_counter(), record.seconds
+    pending_points: list[tuple[int, float]] = []
+    bar = tqdm(total=steps_total, initial=record.step, desc="train", unit="step", disable=not progress)
+    while record.passes_done < passes and not record.stopped_early:
+        index = record.passes_done
+        count = min(len(data), total - index * len(data))
+        rate = learning_rate_at(config, record.learning_rate, index)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        values = run_pass(model, optimizer, data, count, config, generator, bar)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):  # one device sync per pass
+            bad = record.step + 1 + int((~finite).nonzero()[0])
+            bar.close()
+            kept = f"the last good checkpoint {state.path} is kept" if state is not None and state.path.is_file() \
+                else "no checkpoint had been written yet"
+            raise TrainingError(f"non-finite loss at step {bad} (pass {index + 1}, learning rate {rate:g}); "
+                                f"{kept}. Try a smaller train.learning_rate")
+        for start in range(0, len(values), config.log_interval):
+            window = values[start : start + config.log_interval]
+            step = record.step + start + len(window)
+            seen = record.examples_seen + min((start + len(window)) * config.batch_size, count)
+            mean = float(window.mean())
+            record.step_rows.append((step, seen, mean))
+            pending_points.append((seen, mean))
+        record.step += len(values)
+        record.examples_seen += count
+        record.passes_done += 1
+        record.seconds = seconds_before + time.perf_counter() - started
+        if record.passes_done in evaluated:
+            model.eval()
+            row = {"epoch": record.passes_done, "examples_seen": record.examples_seen,
+                   "train_elbo": dataset_elbo(model, train_x, config.seed + 2),
+                   "valid_elbo": dataset_elbo(model, valid_x, config.seed + 3),
+                   "learning_rate": rate, "seconds": record.seconds}
+            model.train()
+            if not (math.isfinite(row["train_elbo"]) and math.isfinite(row["valid_elbo"])):
+                bar.close()
+                raise TrainingError(f"non-finite ELBO after pass {record.passes_done} (step {record.step}): "
+                                    f"train {row['train_elbo']}, valid {row['valid_elbo']}; "
+                                    "the last good checkpoint is kept. Try a smaller train.learning_rate")
+            record.epoch_rows.append(row)
+            if row["valid_elbo"] > record.best_valid_elbo:
+                record.best_valid_elbo, record.best_pass, record.evaluations_since_best = \
+                    row["valid_elbo"], record.passes_done, 0
+                if config.early_stopping_patience is not None:
+                    best_state = _state_dict_copy(model)
+            else:
+                record.evaluations_since_best += 1
+            if config.early_stopping_patience is not None \
+                    and record.evaluations_since_best >= config.early_stopping_patience:
+                record.stopped_early = True
+                print(f"early stopping after pass {record.passes_done}: no better validation ELBO in "
+                      f"{record.evaluations_since_best} evaluations; keeping pass {record.best_pass}", flush=True)
+            bar.set_postfix(train_elbo=f"{row['train_elbo']:.2f}", valid_elbo=f"{row['valid_elbo']:.2f}")
+            if not progress:
+                print(f"pass {record.passes_done}/{passes}: train ELBO {row['train_elbo']:.2f}, "
+                      f"valid ELBO {row['valid_elbo']:.2f} nats", flush=True)
+            if on_evaluation is not None:
+                on_evaluation(row, pending_points)
+            pending_points = []
+        if record.passes_done < passes and not record.stopped_early \
+                and time.perf_counter() - last_checkpoint >= config.checkpoint_interval:
+            checkpoint()
+            last_checkpoint = time.perf_counter()
     bar.close()
+    if record.stopped_early and best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model=model, epochs=pd.DataFrame(epoch_rows),
-                       steps=pd.DataFrame(step_rows, columns=["step", "examples_seen", "train_elbo"]),
-                       seconds=time.perf_counter() - started, device=describe(device))
+    return TrainResult(model=model, epochs=pd.DataFrame(record.epoch_rows),
+                       steps=pd.DataFrame(record.step_rows, columns=["step", "examples_seen", "train_elbo"]),
+                       progress=record, device=describe(device))
 
+
+def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
+    """Identity of a training run's inputs: the data, model and train parameters that change the
+    result, the training split's bytes and the device type (a resumed run must match all)."""
+    digest = hashlib.sha256()
+    settings = {"profile": None, "data": asdict(params.data), "model": asdict(params.model),
+                "train": {k: v for k, v in asdict(params.train).items() if k not in ("device", "checkpoint_interval")},
+                "device": device.type}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    with open(train_file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_model(params: Params, input_dim: int) -> VAE:
+    """The configured model, initialised from ``train.seed`` (N(0, init_std^2) when set)."""
+    torch.manual_seed(params.train.seed)
+    model = VAE(input_dim=input_dim, hidden_dim=params.model.hidden_dim, latent_dim=params.model.latent_dim,
+                hidden_layers=params.model.hidden_layers, likelihood=params.data.likelihood)
+    if params.model.init_std is not None:
+        model.initialize_normal_(params.model.init_std, torch.Generator().manual_seed(params.train.seed))
+    return model
 
 
 def run(params: Params, progress: bool = True) -> dict:
@@ -132,48 +438,70 @@ def run(params: Params, progress: bool = True) -> dict:
 
     Returns:
         The summary written to ``train_summary.json``.
-    """
-    data, paths = params.data, params.paths
-    splits = load_splits(paths.processed_dir(data.dataset))
-    device = resolve_device(params.train.device)
-    torch.manual_seed(params.train.seed)  # parameter initialisation
-    model = VAE(input_dim=splits["train"].images.shape[1], hidden_dim=params.model.hidden_dim,
-                latent_dim=params.model.latent_dim)
-    experiment = f"vae-{data.dataset}"
-    run_name = f"{data.dataset}-{data.binarization}-z{params.model.latent_dim}-e{params.train.epochs}"
-    tags = {"dataset": data.dataset, "binarization": data.binarization, "device": describe(device)}
-    with tracking.start_run(experiment, run_name, "train", tags) as tracker:
-        # Only what training reads: later stages log their own settings (MLflow params are final).
-        tracker.log_params({key: value for key, value in params.flat().items()
-                            if key.split(".")[0] in ("paths", "data", "model", "train")})
-        tracker.log_params({"data.train_examples": len(splits["train"]),
-                            "data.valid_examples": len(splits["valid"]),
-                            "data.test_examples": len(splits["test"])})
 
-        def log_epoch(row: dict, points: list[tuple[int, float]]) -> None:
+    Raises:
+        TrainingError: training diverged (the resumable checkpoint is kept).
+        DataError: the processed splits are missing or damaged.
+    """
+    data, paths, config = params.data, params.paths, params.train
+    folder = paths.processed_dir(data.dataset)
+    splits = load_splits(folder)
+    device = resolve_device(config.device)
+    model = build_model(params, splits["train"].images.shape[1])
+    state = ResumableState(paths.train_state, fingerprint(params, folder / "train.pt", device))
+    saved = state.load()
+    length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
+    experiment = f"vae-{data.dataset}"
+    run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}"
+    tags = {"dataset": data.dataset, "binarization": data.binarization, "profile": params.profile,
+            "likelihood": data.likelihood, "device": describe(device)}
+    resume_id = saved.get("mlflow_run_id") if saved else None
+    with tracking.start_run(experiment, run_name, "train", tags, resume_run_id=resume_id) as tracker:
+        # Only what training reads: later stages log their own settings (MLflow params are final).
+        if tracker.run_id != resume_id:
+            tracker.log_params({key: value for key, value in params.flat().items()
+                                if key.split(".")[0] in ("paths", "data", "model", "train")})
+            tracker.log_params({"data.train_examples": len(splits["train"]),
+                                "data.valid_examples": len(splits["valid"]),
+                                "data.test_examples": len(splits["test"])})
+
+        def log_evaluation(row: dict, points: list[tuple[int, float]]) -> None:
             tracker.log_history({"train_elbo_step": points,
                                  "train_elbo": [(row["examples_seen"], row["train_elbo"])],
                                  "valid_elbo": [(row["examples_seen"], row["valid_elbo"])],
-                                 "epoch_seconds": [(row["examples_seen"], row["seconds"])]})
+                                 "learning_rate": [(row["examples_seen"], row["learning_rate"])],
+                                 "elapsed_seconds": [(row["examples_seen"], row["seconds"])]})
 
-        result = train_model(model, splits["train"], splits["valid"], params.train, device,
-                             on_epoch=log_epoch, progress=progress)
-        last = result.epochs.iloc[-1]
-        summary = {"dataset": data.dataset, "binarization": data.binarization,
-                   "latent_dim": params.model.latent_dim, "hidden_dim": params.model.hidden_dim,
-                   "epochs": params.train.epochs, "train_examples": len(splits["train"]),
-                   "examples_seen": int(last["examples_seen"]),
+        result = train_model(model, splits["train"], splits["valid"], config, device,
+                             on_evaluation=log_evaluation, progress=progress, state=state,
+                             extra_state={"mlflow_run_id": tracker.run_id})
+        record, last = result.progress, result.epochs.iloc[-1]
+        summary = {"profile": params.profile, "dataset": data.dataset, "binarization": data.binarization,
+                   "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
+                   "hidden_dim": params.model.hidden_dim, "hidden_layers": params.model.hidden_layers,
+                   "objective": config.objective, "samples": config.samples, "optimizer": config.optimizer,
+                   "learning_rate": record.learning_rate, "step_size_trials": record.step_size_trials,
+                   "schedule": config.schedule, "batch_size": config.batch_size, "map_prior": config.map_prior,
+                   "epochs": record.passes_done, "train_examples": len(splits["train"]),
+                   "examples_seen": record.examples_seen,
                    "train_elbo": float(last["train_elbo"]), "valid_elbo": float(last["valid_elbo"]),
-                   "train_seconds": round(result.seconds, 2), "device": result.device,
+                   "best_valid_elbo": record.best_valid_elbo, "best_pass": record.best_pass,
+                   "stopped_early": record.stopped_early, "resumed_from_passes": record.resumed_from,
+                   "train_seconds": round(record.seconds, 2), "device": result.device,
                    "mlflow_run_id": tracker.run_id}
         save_checkpoint(result.model, paths.checkpoint,
                         metadata={k: v for k, v in summary.items() if k != "mlflow_run_id"})
         write_csv(paths.elbo_curve, result.epochs)
         write_csv(paths.train_steps, result.steps)
         write_json(paths.train_summary, summary)
-        tracker.log_metrics({"train_seconds": result.seconds})
+        tracker.log_metrics({"train_seconds": record.seconds})
+        if record.step_size_trials:
+            tracker.log_params({f"train.step_size_trial.{k}": round(v, 4) for k, v in record.step_size_trials.items()}
+                               | {"train.chosen_learning_rate": record.learning_rate})
         tracker.log_artifact(paths.elbo_curve, "curves")
         tracker.log_artifact(paths.checkpoint, "checkpoint")
-    print(f"trained {params.train.epochs} epochs in {result.seconds:.1f} s on {result.device}: "
-          f"train ELBO {summary['train_elbo']:.2f}, valid ELBO {summary['valid_elbo']:.2f} nats", flush=True)
+    state.remove()  # the run is complete; a later run starts from its own initialisation
+    print(f"trained {record.passes_done} passes ({record.examples_seen:,} examples) in {record.seconds:.1f} s "
+          f"on {result.device}: train ELBO {summary['train_elbo']:.2f}, valid ELBO {summary['valid_elbo']:.2f} nats",
+          flush=True)
     return summary

@@ -33,7 +33,7 @@ from vae.model import VAE, load_model  # noqa: E402
 
 DPI = 200
 GRID_SCALE = 4  # image grids are upscaled (nearest neighbour) so each pixel stays sharp in print
-IMAGE_SHAPE = {"mnist": (28, 28)}
+IMAGE_SHAPE = {"mnist": (28, 28), "frey": (28, 20)}
 
 
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
@@ -61,14 +61,15 @@ def reconstructions(model: VAE, x: torch.Tensor, config: VisualizeConfig, shape:
                     path: Path) -> None:
     count = min(config.reconstructions, len(x))
     originals = x[:count]
-    means = torch.sigmoid(model.decode(model.encode(originals)[0]))
+    means = model.decoder_mean(model.encode(originals)[0])
     _save_grid(torch.cat([originals, means]), shape, count, path)
 
 
 @torch.no_grad()
 def latent_space(model: VAE, x: torch.Tensor, labels: torch.Tensor, config: VisualizeConfig,
                  path: Path) -> str:
-    """Scatter E_q[z|x] coloured by label; returns how the 2-D coordinates were obtained."""
+    """Scatter E_q[z|x] coloured by label (one colour when unlabelled, label -1); returns how the
+    2-D coordinates were obtained."""
     count = min(config.latent_points, len(x))
     mu = model.encode(x[:count])[0].numpy()
     if mu.shape[1] == 2:
@@ -87,9 +88,13 @@ def latent_space(model: VAE, x: torch.Tensor, labels: torch.Tensor, config: Visu
         coords = TSNE(n_components=2, random_state=config.seed, init="pca").fit_transform(mu)
         how = "t-SNE of E_q[z|x]"
     figure, axes = plt.subplots(figsize=(6, 5.2))
-    points = axes.scatter(coords[:, 0], coords[:, 1], c=labels[:count].numpy(), cmap="tab10",
-                          s=3, alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True)
-    figure.colorbar(points, ax=axes, ticks=range(10), label="digit")
+    labels = labels[:count]
+    if bool((labels >= 0).all()):
+        points = axes.scatter(coords[:, 0], coords[:, 1], c=labels.numpy(), cmap="tab10",
+                              s=3, alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True)
+        figure.colorbar(points, ax=axes, ticks=range(10), label="digit")
+    else:  # no labels (Frey Face, static MNIST's files)
+        axes.scatter(coords[:, 0], coords[:, 1], color="C0", s=4, alpha=0.7, rasterized=True)
     axes.set_title(f"Latent space of {count} test images: {how}", fontsize=9)
     axes.set_xlabel("dimension 1")
     axes.set_ylabel("dimension 2")
@@ -105,7 +110,7 @@ def manifold(model: VAE, config: VisualizeConfig, shape: tuple[int, int], path: 
     values = torch.special.ndtri(quantiles)
     # Rows run from high z_2 (top) to low; columns from low z_1 (left) to high.
     z = torch.stack(torch.meshgrid(values, values.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
-    _save_grid(torch.sigmoid(model.decode(z)), shape, steps, path)
+    _save_grid(model.decoder_mean(z), shape, steps, path)
 
 
 def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
@@ -175,7 +180,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     shape = IMAGE_SHAPE[dataset]
     model = load_model(paths.checkpoint)
     test = load_split(paths.processed_dir(dataset) / "test.pt")
-    x = test.binarized()
+    x = test.values()
     out = paths.figures
     out.mkdir(parents=True, exist_ok=True)
     figures = {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png",

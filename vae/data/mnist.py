@@ -1,6 +1,8 @@
-"""The ``binarize`` stage for MNIST: parse the IDX files, split, binarize.
+"""The ``binarize`` stage for MNIST with binarization ``dynamic``: parse the IDX files, split,
+binarize (binarization ``static`` lives in :mod:`vae.data.binarized_mnist`).
 
-Split: 50000 / 10000 train / validation from the 60000 training images by a seeded permutation,
+Split: train / validation from the 60000 training images by a permutation seeded with
+``split_seed`` (``validation_size`` null means the standard 10000, leaving 50000 for training),
 and the 10000 test images. Binarization ``dynamic`` (IWAE, Burda et al. 2016, Sec. 5.1;
 Salakhutdinov & Murray 2008): training images stay grey and are resampled
 x ~ Bernoulli(intensity) each time they are used; validation and test images are sampled once
@@ -22,6 +24,7 @@ from vae.errors import DataError
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 IMAGE_SIDE = 28
+VALIDATION_SIZE = 10000  # the standard validation set, used when data.validation_size is null
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
@@ -79,20 +82,25 @@ def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str,
 
     Raises:
         DataError: a raw file is missing or malformed.
-        ConfigError: ``validation_size`` leaves no training examples.
+        ConfigError: ``validation_size`` leaves no training examples, or ``test_size`` is set
+            (MNIST's test set is fixed).
     """
     from vae.errors import ConfigError
 
+    if config.test_size is not None:
+        raise ConfigError(f"data.test_size = {config.test_size!r}: MNIST has a fixed test set of "
+                          "10000 images; expected null (use eval_subset to evaluate fewer)")
+    validation_size = VALIDATION_SIZE if config.validation_size is None else config.validation_size
     train_images = read_idx_images(raw_dir / FILES["train"][0], FILES["train"][2])
     train_labels = read_idx_labels(raw_dir / FILES["train"][1], FILES["train"][2])
     test_images = read_idx_images(raw_dir / FILES["test"][0], FILES["test"][2])
     test_labels = read_idx_labels(raw_dir / FILES["test"][1], FILES["test"][2])
-    if config.validation_size >= len(train_images):
-        raise ConfigError(f"data.validation_size = {config.validation_size}: expected fewer than "
+    if validation_size >= len(train_images):
+        raise ConfigError(f"data.validation_size = {validation_size}: expected fewer than "
                           f"the {len(train_images)} training images")
 
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.split_seed))
-    valid_index, train_index = order[: config.validation_size], order[config.validation_size :]
+    valid_index, train_index = order[:validation_size], order[validation_size:]
     if config.train_subset is not None:
         train_index = train_index[: config.train_subset]
     test_index = torch.arange(len(test_images))

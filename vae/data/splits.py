@@ -3,14 +3,19 @@
 A split is a dict of tensors saved with ``torch.save`` and read back with ``weights_only=True``
 (no code is ever unpickled):
 
-- ``images``: uint8, shape (N, 784). For a dynamically binarized training split, grey
-  intensities 0..255 that are resampled as Bernoulli(intensity / 255) each time they are used;
-  otherwise binary values {0, 1}, fixed.
-- ``labels``: int64, shape (N,), the digit classes (used only for figures).
+- ``images``: uint8, shape (N, D), D = 784 (MNIST, 28 x 28) or 560 (Frey Face, 28 rows x 20
+  columns), each image row-major. Either binary values {0, 1}, fixed (``binary`` true), or grey
+  intensities 0..255 (``binary`` false).
+- ``labels``: int64, shape (N,): the digit classes 0..9 where the data has them (used only for
+  figures); -1 means unlabelled (the static binarization's files and Frey Face carry no labels).
 - ``binary``: whether ``images`` is already binary.
-- ``binarization``: the scheme's name (``dynamic``), recorded with every result.
-"""
+- ``binarization``: the scheme's name, recorded with every result: ``dynamic`` (MNIST; the grey
+  training split is resampled as Bernoulli(intensity / 255) each time it is used, validation and
+  test were sampled once and saved binary), ``static`` (MNIST, Larochelle & Murray's fixed binary
+  images, every split binary) or ``none`` (Frey Face: grey values, modelled as they are).
 
+:meth:`Split.values` turns a split into the float tensor a model sees.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +27,11 @@ from vae.errors import DataError
 from vae.io import atomic_open
 
 SPLITS = ("train", "valid", "test")
+BINARIZATIONS = ("dynamic", "static", "none")
+UNLABELLED = -1
+# Grey values of a ``none`` split are divided by 256, not 255, as in the AEVB authors' code
+# (Kingma & Welling's Frey Face experiment): values lie in [0, 255/256], never exactly 1.
+FREY_SCALE = 256.0
 
 
 @dataclass(frozen=True)
@@ -36,17 +46,29 @@ class Split:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def binarized(self, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The images as a (N, 784) float tensor of {0, 1} on ``device``.
+    def values(self, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The images as the (N, D) float tensor (``dtype``, on ``device``) a model sees.
 
-        A binary split is returned as is; a grey one is sampled once as Bernoulli(intensity)
-        with ``generator`` (which must live on ``device``), e.g. for a fixed evaluation copy.
+        - A binary split: its values {0, 1} as they are.
+        - A grey split with binarization ``dynamic``: sampled once as Bernoulli(intensity / 255)
+          with ``generator`` (which must live on ``device``), e.g. for a fixed evaluation copy;
+          {0, 1}.
+        - A grey split with binarization ``none`` (Frey Face): intensity / :data:`FREY_SCALE`
+          (256, as in the AEVB authors' code), in [0, 255/256].
+
+        Raises:
+            DataError: a grey split with any other binarization (``static`` splits are binary).
         """
         images = self.images.to(device)
         if self.binary:
             return images.to(dtype)
-        return torch.bernoulli(images.to(dtype) / 255.0, generator=generator)
+        if self.binarization == "dynamic":
+            return torch.bernoulli(images.to(dtype) / 255.0, generator=generator)
+        if self.binarization == "none":
+            return images.to(dtype) / FREY_SCALE
+        raise DataError(f"a grey split with binarization {self.binarization!r}: expected dynamic or "
+                        "none (a static split is binary)")
 
     def save(self, path: Path) -> None:
         """Write the split atomically; the same split always gives the same bytes."""
@@ -78,6 +100,9 @@ def load_split(path: str | Path) -> Split:
     if images.dtype != torch.uint8 or images.ndim != 2 or labels.shape != images.shape[:1]:
         raise DataError(f"{path}: expected uint8 images of shape (N, D) and N labels, "
                         f"got images {tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}")
+    if raw["binarization"] not in BINARIZATIONS:
+        raise DataError(f"{path}: binarization {raw['binarization']!r}, expected one of "
+                        f"{', '.join(BINARIZATIONS)}")
     return Split(images=images, labels=labels, binary=bool(raw["binary"]),
                  binarization=str(raw["binarization"]))
 

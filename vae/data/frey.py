@@ -1,0 +1,108 @@
+"""The ``binarize`` stage for Frey Face (binarization ``none``): parse Roweis's MATLAB file and split.
+
+Source :data:`vae.data.sources.FREY`: ``frey_rawface.mat``, a MATLAB v5 file whose variable
+``ff`` is uint8 of shape (560, 1965): 1965 grey faces of 28 rows x 20 columns, one per column,
+each column the image in row-major order (so ``ff.T`` is (1965, 560), row i the i-th face).
+
+Split (there is no standard one; AEVB does not publish its own): a permutation of the faces
+seeded with ``split_seed``; its first ``test_size`` faces (null: 200) are the test split, the next
+``validation_size`` (null: 200) the validation split, the rest (1565 by default) the training
+split. The faces stay grey (``binary`` false, binarization ``none``); a model sees them as
+intensity / 256 (:meth:`vae.data.splits.Split.values`). There are no labels: all are -1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae.config import DataConfig
+from vae.data.splits import UNLABELLED, Split
+from vae.errors import ConfigError, DataError
+
+FILE = "frey_rawface.mat"
+VARIABLE = "ff"
+HEIGHT, WIDTH = 28, 20
+PIXELS = HEIGHT * WIDTH  # 560
+COUNT = 1965
+TEST_SIZE = 200  # used when data.test_size is null
+VALIDATION_SIZE = 200  # used when data.validation_size is null
+
+
+def read_frey(path: Path) -> torch.Tensor:
+    """Read the Frey Face MATLAB file (variable ``ff``, uint8, shape (560, N)).
+
+    Returns:
+        uint8 tensor of shape (N, 560) (1965 for the real file): row i is face i, 28 rows x 20
+        columns, row-major (``reshape(N, 28, 20)`` gives upright images).
+
+    Raises:
+        DataError, naming the file: it is missing (``run `vae download` first``), not a MATLAB
+            file scipy can read (e.g. random bytes, truncated, MATLAB v7.3), has no variable ``ff``
+            (the message lists the variables found), or ``ff`` is not uint8 of shape (560, N).
+    """
+    from scipy.io import loadmat
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (run `vae download` first)")
+    try:
+        content = loadmat(path)
+    except Exception as error:  # scipy raises ValueError, MatReadError, NotImplementedError (v7.3), ...
+        raise DataError(f"{path}: not a readable MATLAB file ({type(error).__name__}: {error})") from None
+    variables = sorted(name for name in content if not name.startswith("__"))
+    if VARIABLE not in content:
+        raise DataError(f"{path}: no variable {VARIABLE!r}; found "
+                        f"{', '.join(repr(name) for name in variables) or 'none'}")
+    faces = content[VARIABLE]
+    expected = f"expected uint8 of shape ({PIXELS}, N) (one {HEIGHT}x{WIDTH} face per column)"
+    if not isinstance(faces, np.ndarray) or faces.dtype != np.uint8 or faces.ndim != 2 \
+            or faces.shape[0] != PIXELS or faces.shape[1] == 0:
+        found = (f"{faces.dtype} of shape {faces.shape}" if isinstance(faces, np.ndarray)
+                 else type(faces).__name__)
+        raise DataError(f"{path}: variable {VARIABLE!r} is {found}, {expected}")
+    return torch.from_numpy(np.ascontiguousarray(faces.T))
+
+
+def prepare_frey(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str, int]:
+    """Parse and split Frey Face from ``raw_dir`` into ``out_dir/{train,valid,test}.pt``.
+
+    See the module docstring for the split. ``train_subset`` keeps the first training faces and
+    ``eval_subset`` the first validation and test faces (in permutation order).
+
+    Returns:
+        The number of examples in each split (default: train 1565, valid 200, test 200).
+
+    Raises:
+        DataError: the file is missing or malformed (see :func:`read_frey`); nothing is written.
+        ConfigError: ``validation_size + test_size`` leaves no training faces.
+    """
+    faces = read_frey(Path(raw_dir) / FILE)
+    test_size = TEST_SIZE if config.test_size is None else config.test_size
+    validation_size = VALIDATION_SIZE if config.validation_size is None else config.validation_size
+    if validation_size + test_size >= len(faces):
+        raise ConfigError(f"data.validation_size = {validation_size} and data.test_size = {test_size} "
+                          f"(null means {VALIDATION_SIZE} and {TEST_SIZE}): together expected fewer "
+                          f"than the {len(faces)} faces, to leave some for training")
+
+    order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(config.split_seed))
+    indices = {
+        "train": order[test_size + validation_size:],
+        "valid": order[test_size: test_size + validation_size],
+        "test": order[:test_size],
+    }
+    if config.train_subset is not None:
+        indices["train"] = indices["train"][: config.train_subset]
+    if config.eval_subset is not None:
+        indices["valid"] = indices["valid"][: config.eval_subset]
+        indices["test"] = indices["test"][: config.eval_subset]
+    splits = {name: Split(faces[index], torch.full((len(index),), UNLABELLED, dtype=torch.int64),
+                          binary=False, binarization="none")
+              for name, index in indices.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        split.save(out_dir / f"{name}.pt")
+    return {name: len(split) for name, split in splits.items()}
