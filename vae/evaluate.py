@@ -98,7 +98,7 @@ def run(params: Params, progress: bool = True) -> dict:
         rows.append(row)
     curve_frame = pd.DataFrame(rows)
     metrics = {
-        **{key: summary.get(key) for key in ("profile", "dataset", "binarization", "likelihood", "latent_dim",
+        **{key: summary.get(key) for key in ("profile", "dataset", "binarization", "likelihood", "input_dim", "latent_dim",
                                              "hidden_dim", "hidden_layers", "objective", "samples",
                                              "optimizer", "learning_rate", "batch_size", "epochs",
                                              "examples_seen")},

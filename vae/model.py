@@ -123,17 +123,22 @@ class VAE(nn.Module):
         :func:`vae.objectives.bernoulli_log_prob_`, which reads each logit from cache a few
         times instead of from memory, the difference being float rounding (about 1e-4 nats).
         """
-        if self.likelihood == "gaussian":
-            logits, log_var = self.decoder_params(z)
-            return objectives.gaussian_log_prob(x, torch.sigmoid(logits), log_var)
         if torch.is_grad_enabled():
+            if self.likelihood == "gaussian":
+                logits, log_var = self.decoder_params(z)
+                return objectives.gaussian_log_prob(x, torch.sigmoid(logits), log_var)
             return objectives.bernoulli_log_prob(x, self.decode(z))
         hidden = z.reshape(-1, self.latent_dim)
         for layer in self.decoder[:-1:2]:  # the Linear of each (Linear, Tanh) pair
             hidden = torch.addmm(layer.bias, hidden, layer.weight.t())
             hidden.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(h) = 2 sigmoid(2h) - 1, vectorised
+        shape = (*z.shape[:-1], self.input_dim)
         last = self.decoder[-1]
-        logits = torch.addmm(last.bias, hidden, last.weight.t()).view(*z.shape[:-1], self.input_dim)
+        logits = torch.addmm(last.bias, hidden, last.weight.t()).view(shape)
+        if self.likelihood == "gaussian":
+            head = self.decoder_log_var
+            log_var = torch.addmm(head.bias, hidden, head.weight.t()).view(shape)
+            return objectives.gaussian_log_prob_(x, logits.sigmoid_(), log_var)
         return objectives.bernoulli_log_prob_(x, logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

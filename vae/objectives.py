@@ -144,6 +144,20 @@ def bernoulli_log_prob_(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return t.sigmoid_().log_().sum(-1) + below_floor
 
 
+@torch.no_grad()
+def gaussian_log_prob_(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """:func:`gaussian_log_prob` of x for evaluation: same value, **overwrites** ``mean`` and ``log_var``.
+
+    -0.5 * sum_d [log 2 pi + log_var_d + (x_d - mean_d)^2 exp(-log_var_d)], with no temporaries
+    of the full (..., batch, D) size. No autograd: use it under ``torch.no_grad()``.
+    Shapes: x (batch, D), mean and log_var (..., batch, D) -> (..., batch); nats.
+    """
+    total_log_var = log_var.sum(-1)
+    precision = log_var.neg_().exp_()
+    squared = mean.sub_(x).square_().mul_(precision)
+    return -0.5 * (x.shape[-1] * LOG_2PI + total_log_var + squared.sum(-1))
+
+
 @dataclass(frozen=True)
 class LogLikelihoodEstimate:
     """Per-example results of :func:`importance_sampled_log_likelihood`, each (N,) float, nats.

@@ -75,23 +75,68 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def _architecture(m: dict, summary: dict) -> str:
+    dims = [summary.get("input_dim", 784), *[m["hidden_dim"]] * (m.get("hidden_layers") or 1), m["latent_dim"]]
+    return "-".join(str(d) for d in dims)
+
+
+def _training(summary: dict, params: Params) -> tuple[str, str, str]:
+    """(objective, optimizer, training length) as the set-up table states them."""
+    train = params.train
+    if summary.get("objective", "elbo") == "iwae":
+        objective = (f"importance-weighted bound L_k, k = {summary['samples']} (IWAE, Burda et al. 2016 Eq. 8)")
+    else:
+        samples = summary.get("samples", 1)
+        objective = f"SGVB ELBO, estimator B (analytic KL), L = {samples} sample{'s' if samples != 1 else ''} of z"
+    if summary.get("map_prior"):
+        objective += "; N(0, I) prior on the parameters (weight decay 1/N, approximate MAP)"
+    rate = summary.get("learning_rate", train.learning_rate)
+    optimizer = f"{summary.get('optimizer', train.optimizer)}, step size {rate:g}"
+    trials = summary.get("step_size_trials") or {}
+    if trials:
+        optimizer += (" chosen from " + ", ".join(f"{k} (train ELBO {v:.2f})" for k, v in trials.items())
+                      + f" after {train.step_size_selection_samples:,} examples each")
+    if train.epsilon is not None:
+        optimizer += f", eps {train.epsilon:g}"
+    if train.schedule == "iwae":
+        optimizer += ", divided by 10^(i/7) after 3^0 + ... + 3^(i-1) passes (IWAE schedule)"
+    optimizer += f", minibatch {summary.get('batch_size', train.batch_size)}"
+    if params.model.init_std is not None:
+        optimizer += f"; parameters initialised ~ N(0, {params.model.init_std:g}^2)"
+    length = f"{summary['epochs']} passes = {summary.get('examples_seen', 0):,} training examples evaluated"
+    if summary.get("stopped_early"):
+        length += f" (early stopping; parameters of pass {summary['best_pass']})"
+    if summary.get("resumed_from_passes"):
+        length += f" (resumed from a checkpoint after pass {', '.join(map(str, summary['resumed_from_passes']))})"
+    return objective, optimizer, length
+
+
 def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
     """Everything the templates show, as plain values."""
     m = metrics
     k = m["importance_samples"]
-    architecture = (f"{784}-{m['hidden_dim']}-{m['latent_dim']} tanh encoder, mirrored Bernoulli decoder; "
-                    f"{params.train.optimizer}, lr {params.train.learning_rate}, batch {params.train.batch_size}, "
-                    f"{m['epochs']} epochs")
+    gaussian = summary.get("likelihood", "bernoulli") == "gaussian"
+    decoder = "Gaussian p(x|z) (sigmoid means, learned log-variance)" if gaussian else "Bernoulli p(x|z)"
+    objective, optimizer, length = _training(summary, params)
+    arch = _architecture(m, summary)
+    architecture = f"{arch} tanh encoder, mirrored {decoder.split(' p(')[0]} decoder; {optimizer}; {length}"
+    binarization = {"dynamic": "dynamic (training images resampled ~ Bernoulli(intensity) per minibatch; "
+                               "validation and test binarized once, seeded)",
+                    "static": "static (the fixed Larochelle binarization, binarized_mnist_*.amat)",
+                    "none": "none (grey values / 256, in [0, 1); real-valued data, Gaussian decoder)"}
     setup = [
+        ("profile", summary.get("profile", params.profile)),
         ("dataset", f"{m['dataset']} ({summary['train_examples']} train / "
-                    f"{m['test_examples']} test examples)"),
-        ("binarization", m["binarization"]),
-        ("architecture", f"784-{m['hidden_dim']}-{m['latent_dim']} (tanh hidden layer), decoder mirrored, "
-                         "Gaussian q(z|x), Bernoulli p(x|z), prior N(0, I)"),
-        ("objective", "SGVB ELBO, estimator B (analytic KL), 1 sample of z per example"),
-        ("optimizer", f"{params.train.optimizer}, learning rate {params.train.learning_rate}, "
-                      f"batch {params.train.batch_size}"),
-        ("training length", f"{m['epochs']} epochs = {summary.get('examples_seen', 0):,} examples evaluated"),
+                    f"{m['test_examples']} test examples"
+                    + (f", split by a permutation seeded with {params.data.split_seed}" if m["dataset"] == "frey" else "")
+                    + ")"),
+        ("binarization", binarization.get(m["binarization"], m["binarization"])),
+        ("architecture", f"{arch} ({m.get('hidden_layers') or 1} tanh hidden layer"
+                         f"{'s' if (m.get('hidden_layers') or 1) > 1 else ''} on each side), decoder mirrored, "
+                         f"Gaussian q(z|x), {decoder}, prior N(0, I)"),
+        ("objective", objective),
+        ("optimizer", optimizer),
+        ("training length", length),
         ("hardware", summary.get("device", "unknown")),
         ("training wall time", f"{m['train_seconds']:.1f} s"),
         ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test and "
@@ -104,13 +149,24 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         ("train - test gap (overfitting)", f"{m['train_test_gap']:.2f}"),
         *[(f"test L_{key}", f"{value:.2f}") for key, value in m["bound_curve"].items() if int(key) != k],
         ("test ELBO", f"{m['test_elbo']:.2f}"),
-        ("train ELBO (last epoch)", f"{m['train_elbo']:.2f}"),
-        ("validation ELBO (last epoch)", f"{m['valid_elbo']:.2f}"),
+        ("train ELBO (last pass)", f"{m['train_elbo']:.2f}"),
+        ("validation ELBO (last pass)", f"{m['valid_elbo']:.2f}"),
         ("active units (A_u > 0.01)", f"{m['active_units']} of {m['latent_dim']}"),
     ]
+    our_model = (f"IWAE (k = {summary['samples']}), 1 stochastic layer" if summary.get("objective") == "iwae"
+                 else "VAE, 1 stochastic layer")
+    if m["dataset"] == "frey":
+        no_references = ("Frey Face has no standard split and no published importance-sampled "
+                         "log-likelihood; its bound is a continuous density in nats per image (it can be "
+                         "positive) and is not comparable with MNIST's.")
+    else:
+        no_references = "No published numbers use this dataset and binarization."
     figures = []
     for name, title, caption in FIGURES:
         path = figures_dir / f"{name}.png"
+        if m["dataset"] == "frey" or m["binarization"] == "static":
+            caption = caption.replace("binarized test images", "test images").replace(
+                " coloured by digit label", " (this data set has no labels)")
         if path.is_file():
             figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
                             "data": base64.b64encode(path.read_bytes()).decode("ascii")})
@@ -124,12 +180,14 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         ("reproduce", f"git checkout {commit[:12] if commit else '<commit>'} && uv run dvc repro"),
     ]
     return {
-        "title": f"VAE on {m['dataset'].upper()} ({m['binarization']} binarization), "
-                 f"latent_dim = {m['latent_dim']}",
+        "title": (f"VAE on Frey Face (Gaussian decoder), latent_dim = {m['latent_dim']}" if m["dataset"] == "frey"
+                  else f"VAE on {m['dataset'].upper()} ({m['binarization']} binarization), "
+                       f"latent_dim = {m['latent_dim']}"),
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "setup": setup, "results": results, "binarization": m["binarization"],
         "references": comparable(m["dataset"], m["binarization"]),
-        "our_architecture": architecture, "importance_samples": k,
+        "our_architecture": architecture, "importance_samples": k, "our_model": our_model,
+        "no_references": no_references,
         "our_log_likelihood": f"{m['test_log_likelihood']:.2f}",
         "figures": figures, "provenance": provenance,
         "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),

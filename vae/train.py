@@ -477,6 +477,7 @@ def run(params: Params, progress: bool = True) -> dict:
                              extra_state={"mlflow_run_id": tracker.run_id})
         record, last = result.progress, result.epochs.iloc[-1]
         summary = {"profile": params.profile, "dataset": data.dataset, "binarization": data.binarization,
+                   "input_dim": splits["train"].images.shape[1],
                    "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
                    "hidden_dim": params.model.hidden_dim, "hidden_layers": params.model.hidden_layers,
                    "objective": config.objective, "samples": config.samples, "optimizer": config.optimizer,
