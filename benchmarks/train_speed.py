@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import shlex
 import signal
@@ -328,6 +329,7 @@ def main() -> None:
         parser.error(f"--examples {args.examples}: expected a positive multiple of {BATCH}")
 
     begun = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -418,6 +420,7 @@ def main() -> None:
                      tablefmt="github", colalign=("left", "right", "right", "right")), ""]
 
     elapsed = time.perf_counter() - begun
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} ({_cpu_model()})"
     lines = [
@@ -425,7 +428,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
         f"`{shlex.join(['uv', 'run', 'python', 'benchmarks/train_speed.py', *sys.argv[1:]])}` "
-        f"({elapsed:.0f} s in all). Data: {data_name}. Model 784-500-20 tanh, Bernoulli decoder, Adagrad "
+        f"({elapsed:.0f} s in all; 1-minute load average {load_before:.1f} at the start, {load_after:.1f} "
+        f"at the end, on {os.cpu_count()} CPUs). Data: {data_name}. Model 784-500-20 tanh, Bernoulli decoder, Adagrad "
         f"lr {LEARNING_RATE:g}, weight decay 1/{len(data)}, batch {BATCH}, L = 1. Median of {args.repeats} "
         f"interleaved runs of {args.examples} examples each. Matrix-multiply FLOPs per example: forward "
         f"{forward_flops / 1e6:.2f} M, forward + backward {step_flops / 1e6:.2f} M; torch.mm rate on the "

@@ -263,3 +263,98 @@ def test_missing_file(tmp_path):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         params_from_dict({"train": {"epochs": -1}})
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("data:\n  dataset: frey\n  binarization: dynamic\n",
+     "data.binarization = 'dynamic': dataset 'frey' allows none"),
+    ("data:\n  dataset: frey\n  binarization: static\n",
+     "data.binarization = 'static': dataset 'frey' allows none"),
+    ("data:\n  binarization: none\n",
+     "data.binarization = 'none': dataset 'mnist' allows dynamic, static"),
+    ("data:\n  binarization: static\n  validation_size: 5000\n",
+     "data.validation_size = 5000: the static binarization's files fix the split (50000 / 10000 / 10000); "
+     "expected null"),
+    ("data:\n  test_size: 1000\n",
+     "data.test_size = 1000: MNIST has a fixed test set of 10000 images; expected null"),
+    ("train:\n  epochs: 10\n  training_samples: 100000\n",
+     "train.epochs = 10: set exactly one of epochs and training_samples (training_samples = 100000)"),
+    ("train:\n  epochs: null\n",
+     "train.epochs = None: set exactly one of epochs and training_samples (training_samples = None)"),
+    ("train:\n  objective: iwae\n  samples: 1\n",
+     "train.samples = 1: the iwae objective with k = 1 is the ELBO; expected k > 1"),
+    ("train:\n  step_size_candidates: [0.01, 0, 0.1]\n",
+     "train.step_size_candidates = [0.01, 0, 0.1]: expected a list of finite numbers > 0"),
+    ("train:\n  step_size_candidates: [-0.01]\n",
+     "train.step_size_candidates = [-0.01]: expected a list of finite numbers > 0"),
+    ("train:\n  step_size_candidates: 0.01\n",
+     "train.step_size_candidates = 0.01: expected a list of numbers or null"),
+    ("train:\n  map_prior: 'yes'\n", "train.map_prior = 'yes': expected true or false"),
+    ("train:\n  map_prior: 1\n", "train.map_prior = 1: expected true or false"),
+    ("train:\n  schedule: cosine\n", "train.schedule = 'cosine': expected one of constant, iwae"),
+    ("train:\n  objective: vimco\n", "train.objective = 'vimco': expected one of elbo, iwae"),
+    ("train:\n  epsilon: 0\n", "train.epsilon = 0: expected a finite number > 0"),
+    ("train:\n  checkpoint_interval: -1\n", "train.checkpoint_interval = -1: expected a finite number >= 0"),
+    ("train:\n  early_stopping_patience: 0\n", "train.early_stopping_patience = 0: expected a finite number > 0"),
+    ("model:\n  init_std: 0\n", "model.init_std = 0: expected a finite number > 0"),
+    ("model:\n  hidden_layers: 0\n", "model.hidden_layers = 0: expected a finite number > 0"),
+    ("profile: Bad Name\n", "profile = 'Bad Name': expected a profile name (lower-case letters, digits, hyphens)"),
+    ("profile: 3\n", "profile = 3: expected a profile name"),
+])
+def test_cross_field_and_new_checks(tmp_path, text, fragment):
+    assert fragment in config_error(tmp_path, text)
+
+
+def test_several_cross_field_problems_in_one_message(tmp_path):
+    message = config_error(tmp_path, """
+        data:
+          dataset: frey
+          binarization: dynamic
+        train:
+          epochs: null
+          objective: iwae
+          samples: 1
+    """)
+    assert "data.binarization = 'dynamic'" in message
+    assert "train.epochs = None" in message and "train.samples = 1" in message
+
+
+@pytest.mark.parametrize("raw", [
+    {"data": {"dataset": "frey", "binarization": "none", "validation_size": 300, "test_size": 300}},
+    {"data": {"binarization": "static"}},
+    {"data": {"validation_size": 5000}},
+    {"train": {"epochs": None, "training_samples": 3_000_000}},
+    {"train": {"objective": "iwae", "samples": 5, "schedule": "iwae"}},
+    {"train": {"objective": "elbo", "samples": 1}},
+    {"train": {"step_size_candidates": [0.01, 0.02, 0.1], "map_prior": True, "optimizer": "adagrad"}},
+    {"model": {"init_std": 0.01, "hidden_layers": 2}, "train": {"early_stopping_patience": 3, "epsilon": 1e-4}},
+    {"profile": "aevb-mnist"},
+    {"profile": "my-run-2"},
+])
+def test_valid_combinations_are_accepted(raw):
+    params = params_from_dict(raw)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(params, section), key) == value
+        else:
+            assert getattr(params, section) == values
+
+
+def test_map_prior_reads_yaml_booleans(tmp_path):
+    assert load_params(write(tmp_path, "train:\n  map_prior: true\n")).train.map_prior is True
+    assert load_params(write(tmp_path, "train:\n  map_prior: false\n")).train.map_prior is False
+
+
+def test_step_size_candidates_become_floats(tmp_path):
+    candidates = load_params(write(tmp_path, "train:\n  step_size_candidates: [0.01, 1]\n")).train.step_size_candidates
+    assert candidates == [0.01, 1]
+
+
+def test_likelihood_follows_the_binarization():
+    assert DataConfig().likelihood == "bernoulli"
+    assert DataConfig(binarization="static").likelihood == "bernoulli"
+    assert DataConfig(dataset="frey", binarization="none").likelihood == "gaussian"

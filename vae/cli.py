@@ -18,17 +18,21 @@ from vae.errors import ConfigError, VaeError
 
 STAGES = {  # name: (module, function, summary for `vae --help`, description for `vae STAGE --help`)
     "download": ("vae.stages", "download", "fetch and verify the dataset's files",
-                 "Fetch the dataset's files into paths.raw/<dataset>, verified by the SHA-256 of their "
-                 "uncompressed content. Sources: the upstream mirrors, or $VAE_DATA_MIRROR (a folder "
-                 "or URL laid out as <mirror>/<dataset>/<file>) when set. Verified files are not "
-                 "fetched again."),
+                 "Fetch the files of data.dataset and data.binarization (MNIST's IDX files, the static "
+                 "binarized_mnist .amat files, or Frey Face's frey_rawface.mat) into paths.raw/<dataset>, "
+                 "verified by the SHA-256 of their uncompressed content. Sources: the upstream hosts, or "
+                 "$VAE_DATA_MIRROR (a folder or URL laid out as <mirror>/<source>/<file>, source being "
+                 "mnist, binarized_mnist or frey) when set. Verified files are not fetched again."),
     "binarize": ("vae.stages", "binarize", "parse, split and binarize",
                  "Parse the raw files and write train / valid / test splits to "
-                 "paths.processed/<dataset> (50000 / 10000 / 10000 for MNIST; dynamic binarization: "
-                 "train stays grey and is resampled per minibatch, valid and test are binarized once)."),
-    "train": ("vae.train", "run", "train the VAE on the ELBO",
-              "Train the VAE (maximise the SGVB ELBO); write models/model.pt, the ELBO curves and "
-              "train_summary.json; start the pipeline's MLflow run."),
+                 "paths.processed/<dataset>: MNIST 50000 / 10000 / 10000 (dynamic binarization: train "
+                 "stays grey and is resampled per minibatch, valid and test are binarized once; static: "
+                 "the .amat files' own split), Frey Face 1565 / 200 / 200 by a seeded permutation."),
+    "train": ("vae.train", "run", "train the VAE on the ELBO (or the IWAE bound)",
+              "Train the VAE (maximise the SGVB ELBO, or the importance-weighted bound); write "
+              "models/model.pt, the ELBO curves and train_summary.json; start the pipeline's MLflow run. "
+              "Resumable: an interrupted run (Ctrl-C, kill) continues from models/train_state.pt when "
+              "re-run with the same parameters and data."),
     "evaluate": ("vae.evaluate", "run", "importance-sampled test log-likelihood, ELBO, active units",
                  "Importance-sampled test log-likelihood L_k (k = evaluate.importance_samples), test "
                  "ELBO and active units into reports/metrics.json; register the model in MLflow."),

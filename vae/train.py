@@ -397,6 +397,14 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             pending_points = []
         if record.passes_done < passes and not record.stopped_early \
                 and time.perf_counter() - last_checkpoint >= config.checkpoint_interval:
+            # A step can turn the parameters non-finite with a finite loss (the pass's last step):
+            # such a state must not replace the last good checkpoint.
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                bar.close()
+                kept = f"the last good checkpoint {state.path} is kept" if state is not None \
+                    and state.path.is_file() else "no checkpoint had been written yet"
+                raise TrainingError(f"non-finite parameters after step {record.step} (pass {record.passes_done}, "
+                                    f"learning rate {rate:g}); {kept}. Try a smaller train.learning_rate")
             checkpoint()
             last_checkpoint = time.perf_counter()
     bar.close()
