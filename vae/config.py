@@ -366,7 +366,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             return value
-    if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
+    if isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.0, annotation) \
+            and not _type_ok(True, annotation):  # int for a float (or float | None) field
         return float(value)
     return value
 

@@ -19,8 +19,10 @@ last good checkpoint stays.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 import sys
@@ -228,10 +230,16 @@ class ResumableState:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path, self.fingerprint = Path(path), fingerprint
 
-    def load(self) -> dict | None:
-        """The saved state, or None when there is none usable (the reason is printed)."""
+    def load(self, quiet: bool = False) -> dict | None:
+        """The saved state, or None when there is none usable (the reason is printed unless ``quiet``)."""
+        # A kill during a write leaves a temporary beside the file (never the file itself half-written).
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         if not self.path.is_file():
             return None
+        if quiet:
+            with contextlib.redirect_stderr(io.StringIO()):
+                return self.load()
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # a damaged file: training starts over and replaces it
@@ -372,9 +380,11 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             model.train()
             if not (math.isfinite(row["train_elbo"]) and math.isfinite(row["valid_elbo"])):
                 bar.close()
+                kept = f"the last good checkpoint {state.path} is kept" if state is not None \
+                    and state.path.is_file() else "no checkpoint had been written yet"
                 raise TrainingError(f"non-finite ELBO after pass {record.passes_done} (step {record.step}): "
                                     f"train {row['train_elbo']}, valid {row['valid_elbo']}; "
-                                    "the last good checkpoint is kept. Try a smaller train.learning_rate")
+                                    f"{kept}. Try a smaller train.learning_rate")
             record.epoch_rows.append(row)
             if row["valid_elbo"] > record.best_valid_elbo:
                 record.best_valid_elbo, record.best_pass, record.evaluations_since_best = \
@@ -408,7 +418,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             checkpoint()
             last_checkpoint = time.perf_counter()
     bar.close()
-    if record.stopped_early and best_state is not None:
+    if best_state is not None:  # early stopping keeps the best validated parameters, stopped or not
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model=model, epochs=pd.DataFrame(record.epoch_rows),
@@ -457,7 +467,7 @@ def run(params: Params, progress: bool = True) -> dict:
     device = resolve_device(config.device)
     model = build_model(params, splits["train"].images.shape[1])
     state = ResumableState(paths.train_state, fingerprint(params, folder / "train.pt", device))
-    saved = state.load()
+    saved = state.load(quiet=True)  # train_model loads it again and says why it is not used
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
     experiment = f"vae-{data.dataset}"
     run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}"
@@ -484,6 +494,8 @@ def run(params: Params, progress: bool = True) -> dict:
                              on_evaluation=log_evaluation, progress=progress, state=state,
                              extra_state={"mlflow_run_id": tracker.run_id})
         record, last = result.progress, result.epochs.iloc[-1]
+        if config.early_stopping_patience is not None:  # the model holds the best validated pass
+            last = result.epochs[result.epochs["epoch"] == record.best_pass].iloc[-1]
         summary = {"profile": params.profile, "dataset": data.dataset, "binarization": data.binarization,
                    "input_dim": splits["train"].images.shape[1],
                    "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
