@@ -62,6 +62,9 @@ def make_optimizer(config: TrainConfig, parameters, learning_rate: float,
                                "weight_decay": 1.0 / train_examples if config.map_prior else 0.0}
     if config.epsilon is not None:
         options["eps"] = config.epsilon
+    # The fused kernels update each tensor in one pass (about 25% faster steps on a 2-core CPU for the
+    # aevb-mnist model; benchmarks/train_speed.py); same algorithm, float rounding aside.
+    options["fused"] = True
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, betas=(0.9, 0.999), **options)
     if config.optimizer == "adagrad":
