@@ -63,8 +63,11 @@ def make_optimizer(config: TrainConfig, parameters, learning_rate: float,
     if config.epsilon is not None:
         options["eps"] = config.epsilon
     # The fused kernels update each tensor in one pass (about 25% faster steps on a 2-core CPU for the
-    # aevb-mnist model; benchmarks/train_speed.py); same algorithm, float rounding aside.
-    options["fused"] = True
+    # aevb-mnist model; benchmarks/train_speed.py); same algorithm, float rounding aside. Adam's exist
+    # on CPU and CUDA, Adagrad's on CPU only.
+    parameters = list(parameters)
+    device = parameters[0].device.type if parameters else "cpu"
+    options["fused"] = device == "cpu" or (device == "cuda" and config.optimizer == "adam")
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, betas=(0.9, 0.999), **options)
     if config.optimizer == "adagrad":
