@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 SMALL = {
     "data": {"train_subset": 2000, "eval_subset": 500},
     "model": {"latent_dim": 2, "hidden_dim": 64},
-    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu"},
+    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5},
     "evaluate": {"importance_samples": 50, "device": "cpu"},
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
@@ -271,7 +271,8 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
         2000 * (e + 1) for e in range(epochs)]
     steps = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
                  metric_key="train_elbo_step", max_results="100000")["metrics"]
-    assert len(steps) == epochs * 2000 // 100
+    # One point per log_interval = 5 minibatches of 100: 4 per pass over the 2000 training images.
+    assert sorted(point["step"] for point in steps) == [500 * (i + 1) for i in range(epochs * 4)]
 
     curve = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
                  metric_key="test_log_likelihood_curve")["metrics"]

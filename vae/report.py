@@ -103,7 +103,8 @@ def _training(summary: dict, params: Params) -> tuple[str, str, str]:
     optimizer += f", minibatch {summary.get('batch_size', train.batch_size)}"
     if params.model.init_std is not None:
         optimizer += f"; parameters initialised ~ N(0, {params.model.init_std:g}^2)"
-    length = f"{summary['epochs']} passes = {summary.get('examples_seen', 0):,} training examples evaluated"
+    length = (f"{summary.get('epochs', params.train.epochs)} passes = {summary.get('examples_seen', 0):,} "
+              "training examples evaluated")
     if summary.get("stopped_early"):
         length += f" (early stopping; parameters of pass {summary['best_pass']})"
     if summary.get("resumed_from_passes"):
