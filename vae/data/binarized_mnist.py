@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vae.config import DataConfig
-from vae.data.splits import UNLABELLED, Split
+from vae.data.splits import UNLABELLED, Split, save_splits, take_subsets
 from vae.errors import ConfigError, DataError
 
 PIXELS = 784
@@ -126,16 +126,8 @@ def prepare_static_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> di
             raise ConfigError(f"data.{name} = {getattr(config, name)!r}: the static binarization's "
                               "files fix the split (50000 / 10000 / 10000); expected null")
     images = {name: read_amat(Path(raw_dir) / file, count) for name, (file, count) in FILES.items()}
-    if config.train_subset is not None:
-        images["train"] = images["train"][: config.train_subset]
-    if config.eval_subset is not None:
-        images["valid"] = images["valid"][: config.eval_subset]
-        images["test"] = images["test"][: config.eval_subset]
+    images = take_subsets(images, config.train_subset, config.eval_subset)
     splits = {name: Split(split.clone(), torch.full((len(split),), UNLABELLED, dtype=torch.int64),
                           binary=True, binarization="static")
               for name, split in images.items()}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        split.save(out_dir / f"{name}.pt")
-    return {name: len(split) for name, split in splits.items()}
+    return save_splits(splits, out_dir)

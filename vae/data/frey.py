@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vae.config import DataConfig
-from vae.data.splits import UNLABELLED, Split
+from vae.data.splits import UNLABELLED, Split, save_splits, take_subsets
 from vae.errors import ConfigError, DataError
 
 FILE = "frey_rawface.mat"
@@ -93,16 +93,8 @@ def prepare_frey(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str, 
         "valid": order[test_size: test_size + validation_size],
         "test": order[:test_size],
     }
-    if config.train_subset is not None:
-        indices["train"] = indices["train"][: config.train_subset]
-    if config.eval_subset is not None:
-        indices["valid"] = indices["valid"][: config.eval_subset]
-        indices["test"] = indices["test"][: config.eval_subset]
+    indices = take_subsets(indices, config.train_subset, config.eval_subset)
     splits = {name: Split(faces[index], torch.full((len(index),), UNLABELLED, dtype=torch.int64),
                           binary=False, binarization="none")
               for name, index in indices.items()}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        split.save(out_dir / f"{name}.pt")
-    return {name: len(split) for name, split in splits.items()}
+    return save_splits(splits, out_dir)

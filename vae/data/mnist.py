@@ -18,7 +18,7 @@ import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from vae.config import DataConfig
-from vae.data.splits import Split
+from vae.data.splits import Split, save_splits, take_subsets
 from vae.errors import DataError
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
@@ -101,12 +101,9 @@ def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str,
 
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.split_seed))
     valid_index, train_index = order[:validation_size], order[validation_size:]
-    if config.train_subset is not None:
-        train_index = train_index[: config.train_subset]
-    test_index = torch.arange(len(test_images))
-    if config.eval_subset is not None:
-        test_index = test_index[: config.eval_subset]
-        valid_index = valid_index[: config.eval_subset]
+    indices = take_subsets({"train": train_index, "valid": valid_index, "test": torch.arange(len(test_images))},
+                           config.train_subset, config.eval_subset)
+    train_index, valid_index, test_index = indices["train"], indices["valid"], indices["test"]
 
     generator = torch.Generator().manual_seed(config.binarization_seed)
 
@@ -121,7 +118,4 @@ def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str,
         "test": Split(binarize_once(test_images[test_index]), test_labels[test_index].clone(),
                       binary=True, binarization=config.binarization),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        split.save(out_dir / f"{name}.pt")
-    return {name: len(split) for name, split in splits.items()}
+    return save_splits(splits, out_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,3 +111,20 @@ def load_split(path: str | Path) -> Split:
 def load_splits(folder: str | Path) -> dict[str, Split]:
     """Read ``train``, ``valid`` and ``test`` from a processed dataset folder."""
     return {name: load_split(Path(folder) / f"{name}.pt") for name in SPLITS}
+
+
+def take_subsets(parts: dict[str, Any], train_subset: int | None, eval_subset: int | None) -> dict[str, Any]:
+    """Cap ``parts`` (``train``, ``valid``, ``test``: tensors or index tensors, first dimension the
+    examples): the first ``train_subset`` training and ``eval_subset`` validation and test ones
+    (None keeps all). For quick trials and tests (``data.train_subset`` / ``data.eval_subset``)."""
+    limits = {"train": train_subset, "valid": eval_subset, "test": eval_subset}
+    return {name: part if limits[name] is None else part[: limits[name]] for name, part in parts.items()}
+
+
+def save_splits(splits: dict[str, Split], out_dir: str | Path) -> dict[str, int]:
+    """Write each split to ``out_dir/<name>.pt`` (atomically); returns the number of examples in each."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        split.save(out_dir / f"{name}.pt")
+    return {name: len(split) for name, split in splits.items()}
