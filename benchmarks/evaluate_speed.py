@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from vae import objectives  # noqa: E402
 from vae.model import VAE, load_model  # noqa: E402
+from results_file import prepend_entry  # noqa: E402  (beside this script)
 
 
 def synchronize(device: torch.device) -> None:
@@ -165,10 +166,7 @@ def main() -> None:
                   f"{spread:.3f}: Monte Carlo noise of per-image estimates.", ""]
     text = "\n".join(lines)
     print(text)
-    output = Path(args.output)
-    previous = output.read_text() if output.is_file() else "# Evaluation benchmark results (newest first)\n\n"
-    header, _, rest = previous.partition("\n\n")
-    output.write_text(f"{header}\n\n{text}\n{rest}")
+    prepend_entry(args.output, "# Evaluation benchmark results (newest first)", text)
 
 
 if __name__ == "__main__":

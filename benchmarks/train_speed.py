@@ -72,6 +72,7 @@ from vae.data.splits import Split, load_split  # noqa: E402
 from vae.devices import resolve_device  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.train import TrainingData, make_optimizer, run_pass  # noqa: E402
+from results_file import prepend_entry  # noqa: E402  (beside this script)
 
 INPUT, HIDDEN, LATENT, BATCH = 784, 500, 20, 100
 LEARNING_RATE, INIT_STD = 0.02, 0.01
@@ -495,10 +496,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    output = Path(args.output)
-    previous = output.read_text() if output.is_file() else "# Training benchmark results (newest first)\n\n"
-    header, _, rest = previous.partition("\n\n")
-    output.write_text(f"{header}\n\n{text}\n{rest}")
+    output = prepend_entry(args.output, "# Training benchmark results (newest first)", text)
     print(f"written to {output}")
 
 

@@ -380,16 +380,21 @@ def test_non_finite_loss_names_its_step_and_keeps_the_last_checkpoint(small_spli
     assert objective.sizes == [50] * 6  # the pass with the NaN ran to its end, then stopped
 
 
+def poison_after_pass(model: VAE, epoch: int):
+    """An ``on_evaluation`` callback that sets a decoder weight to NaN after pass ``epoch``."""
+    def poison(row, points):
+        if row["epoch"] == epoch:
+            with torch.no_grad():
+                model.decoder[0].weight.fill_(math.nan)
+    return poison
+
+
 def test_non_finite_parameters_are_never_checkpointed(small_splits, tmp_path):
     """Parameters that turn NaN after pass 2 while every loss of the pass was finite: the
     checkpoint of pass 1 stays, readable and finite, and the error names the step."""
     state = ResumableState(tmp_path / "train_state.pt", "fingerprint")
     model = small_model()
-
-    def poison(row, points):
-        if row["epoch"] == 2:
-            with torch.no_grad():
-                model.decoder[0].weight.fill_(math.nan)
+    poison = poison_after_pass(model, 2)
 
     with pytest.raises(TrainingError, match=r"\bstep 4\b.*pass 2"):
         train_model(model, *small_splits, small_config(epochs=5), CPU, on_evaluation=poison,
@@ -402,11 +407,7 @@ def test_non_finite_parameters_are_never_checkpointed(small_splits, tmp_path):
 def test_non_finite_parameters_without_a_due_checkpoint_stop_at_the_next_step(small_splits, tmp_path):
     state = ResumableState(tmp_path / "train_state.pt", "fingerprint")
     model = small_model()
-
-    def poison(row, points):
-        if row["epoch"] == 2:
-            with torch.no_grad():
-                model.decoder[0].weight.fill_(math.nan)
+    poison = poison_after_pass(model, 2)
 
     with pytest.raises(TrainingError, match=r"^non-finite loss at step 5 \(pass 3.*no checkpoint had been written"):
         train_model(model, *small_splits, small_config(epochs=5, checkpoint_interval=10**6), CPU,

@@ -10,7 +10,6 @@ values, keeping the file's comments, so that ``dvc repro`` (or ``dvc exp run``) 
 
 from __future__ import annotations
 
-import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,5 +134,5 @@ def apply(name: str, path: str | Path = "params.yaml") -> dict[str, tuple[Any, A
     if params_from_dict(yaml.safe_load(text), str(path)) != params:  # never write what does not read back
         raise ConfigError(f"{path}: rendering profile {name!r} did not round-trip; file left unchanged")
     write_text(path, text)
-    new_flat = _flat(copy.deepcopy(params.to_dict()))
+    new_flat = _flat(params.to_dict())
     return {key: (old_flat.get(key), value) for key, value in new_flat.items() if old_flat.get(key) != value}

@@ -19,10 +19,8 @@ last good checkpoint stays.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import json
 import math
 import sys
@@ -236,16 +234,13 @@ class ResumableState:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path, self.fingerprint = Path(path), fingerprint
 
-    def load(self, quiet: bool = False) -> dict | None:
-        """The saved state, or None when there is none usable (the reason is printed unless ``quiet``)."""
+    def load(self) -> dict | None:
+        """The saved state, or None when there is none usable (the reason is printed)."""
         # A kill during a write leaves a temporary beside the file (never the file itself half-written).
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
         if not self.path.is_file():
             return None
-        if quiet:
-            with contextlib.redirect_stderr(io.StringIO()):
-                return self.load()
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # a damaged file: training starts over and replaces it
@@ -286,15 +281,22 @@ class TrainResult:
         return self.progress.seconds
 
 
+def _kept(state: ResumableState | None) -> str:
+    """What an error message says survives a failed run."""
+    if state is not None and state.path.is_file():
+        return f"the last good checkpoint {state.path} is kept"
+    return "no checkpoint had been written yet"
+
+
 def _state_dict_copy(model: VAE) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
 def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, device: torch.device,
                 on_evaluation: Callable[[dict, list[tuple[int, float]]], None] | None = None,
-                progress: bool = True, state: ResumableState | None = None,
+                progress: bool = True, state: ResumableState | None = None, resume: dict | None = None,
                 extra_state: dict | None = None) -> TrainResult:
-    """Train ``model`` in place, resuming from ``state`` when it holds a usable checkpoint.
+    """Train ``model`` in place, from scratch or from ``resume``.
 
     Args:
         train: training split (dynamically binarized grey images are resampled per minibatch).
@@ -302,6 +304,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
         on_evaluation: called after each evaluated pass with that pass's row and the
             (examples_seen, bound) points of the per-step curve since the previous call.
         state: where resumable checkpoints go (None: no checkpoints).
+        resume: a checkpoint read by ``state.load()`` to continue from (None: start afresh).
         extra_state: plain values stored in each checkpoint (e.g. the MLflow run id).
 
     Returns:
@@ -320,17 +323,16 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
     evaluated = evaluation_passes(passes, config.curve_points)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    saved = state.load() if state is not None else None
     best_state = None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        record = Progress(**saved["progress"])
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        record = Progress(**resume["progress"])
         optimizer = make_optimizer(config, model.parameters(), record.learning_rate, len(data))
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        best_state = saved.get("best_model")
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        best_state = resume.get("best_model")
         record.resumed_from.append(record.passes_done)
-        print(f"resuming from {state.path}: pass {record.passes_done} of {passes}, "
+        print(f"resuming from {state.path if state is not None else 'a checkpoint'}: pass {record.passes_done} of {passes}, "
               f"{record.examples_seen} examples seen", flush=True)
     else:
         learning_rate, trials = config.learning_rate, {}
@@ -346,8 +348,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
                         "generator": generator.get_state(), "progress": asdict(record),
                         "best_model": best_state, **(extra_state or {})})
 
-    steps_total = -(-len(data) // config.batch_size) * (passes - 1) + -(-(total - (passes - 1) * len(data))
-                                                                      // config.batch_size)
+    steps_total = sum(-(-min(len(data), total - p * len(data)) // config.batch_size) for p in range(passes))
     started, last_checkpoint, seconds_before = time.perf_counter(), time.perf_counter(), record.seconds
     pending_points: list[tuple[int, float]] = []
     bar = tqdm(total=steps_total, initial=record.step, desc="train", unit="step", disable=not progress)
@@ -362,8 +363,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
         if not bool(finite.all()):  # one device sync per pass
             bad = record.step + 1 + int((~finite).nonzero()[0])
             bar.close()
-            kept = f"the last good checkpoint {state.path} is kept" if state is not None and state.path.is_file() \
-                else "no checkpoint had been written yet"
+            kept = _kept(state)
             raise TrainingError(f"non-finite loss at step {bad} (pass {index + 1}, learning rate {rate:g}); "
                                 f"{kept}. Try a smaller train.learning_rate")
         for start in range(0, len(values), config.log_interval):
@@ -386,8 +386,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             model.train()
             if not (math.isfinite(row["train_elbo"]) and math.isfinite(row["valid_elbo"])):
                 bar.close()
-                kept = f"the last good checkpoint {state.path} is kept" if state is not None \
-                    and state.path.is_file() else "no checkpoint had been written yet"
+                kept = _kept(state)
                 raise TrainingError(f"non-finite ELBO after pass {record.passes_done} (step {record.step}): "
                                     f"train {row['train_elbo']}, valid {row['valid_elbo']}; "
                                     f"{kept}. Try a smaller train.learning_rate")
@@ -417,8 +416,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             # such a state must not replace the last good checkpoint.
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 bar.close()
-                kept = f"the last good checkpoint {state.path} is kept" if state is not None \
-                    and state.path.is_file() else "no checkpoint had been written yet"
+                kept = _kept(state)
                 raise TrainingError(f"non-finite parameters after step {record.step} (pass {record.passes_done}, "
                                     f"learning rate {rate:g}); {kept}. Try a smaller train.learning_rate")
             checkpoint()
@@ -473,7 +471,7 @@ def run(params: Params, progress: bool = True) -> dict:
     device = resolve_device(config.device)
     model = build_model(params, splits["train"].images.shape[1])
     state = ResumableState(paths.train_state, fingerprint(params, folder / "train.pt", device))
-    saved = state.load(quiet=True)  # train_model loads it again and says why it is not used
+    saved = state.load()
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
     experiment = f"vae-{data.dataset}"
     run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}"
@@ -497,7 +495,7 @@ def run(params: Params, progress: bool = True) -> dict:
                                  "elapsed_seconds": [(row["examples_seen"], row["seconds"])]})
 
         result = train_model(model, splits["train"], splits["valid"], config, device,
-                             on_evaluation=log_evaluation, progress=progress, state=state,
+                             on_evaluation=log_evaluation, progress=progress, state=state, resume=saved,
                              extra_state={"mlflow_run_id": tracker.run_id})
         record, last = result.progress, result.epochs.iloc[-1]
         if config.early_stopping_patience is not None:  # the model holds the best validated pass
