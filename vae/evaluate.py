@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vae import objectives, tracking
+from vae import objectives, registry, tracking
 from vae.config import Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
@@ -141,7 +141,8 @@ def run(params: Params, progress: bool = True) -> dict:
             model.cpu(), f"vae-{summary['dataset']}",
             {"test_log_likelihood": metrics["test_log_likelihood"],
              "test_log_likelihood_stderr": metrics["test_log_likelihood_stderr"],
-             "importance_samples": k, "binarization": summary["binarization"], "latent_dim": summary["latent_dim"]})
+             "importance_samples": k, "binarization": summary["binarization"], "latent_dim": summary["latent_dim"],
+             "train_seed": params.train.seed, registry.TEST_SET_TAG: registry.test_set_fingerprint(test_x)})
         if version:
             print(f"MLflow: registered vae-{summary['dataset']} version {version}", flush=True)
     return metrics

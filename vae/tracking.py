@@ -161,6 +161,22 @@ def _client() -> tuple[Any, str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
+def client_for(root: str | Path) -> Any:
+    """An ``MlflowClient`` on the store the stages of the repository at ``root`` log to:
+    ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` (MLflow's default
+    as seen from the repository root, where ``dvc repro`` runs the stages).
+
+    Raises:
+        TrackingError: mlflow is not installed.
+    """
+    try:
+        from mlflow import MlflowClient
+    except ImportError as error:
+        raise TrackingError(f"mlflow is not installed ({error})") from None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _warn_off(stage: str) -> None:
     print(f"WARNING: {TRACKING_ENV}=off: the {stage} stage logs nothing to MLflow", file=sys.stderr)
 

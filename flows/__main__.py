@@ -1,0 +1,75 @@
+"""``python -m flows``: run a flow once, or serve both deployments from this process.
+
+Without ``PREFECT_API_URL`` a run uses Prefect's temporary local server: nothing to set up.
+With a server (``prefect server start``), runs and served deployments show in its UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00, as in prefect.yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows", description="Prefect flows over the DVC pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Deployments for a server and workers are declared in prefect.yaml: "
+               "`prefect --no-prompt deploy --all` (see the README's Prefect section).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("--epochs", type=int, help="train.epochs (clears train.training_samples)")
+    overrides.add_argument("--latent-dim", type=int, help="model.latent_dim")
+    overrides.add_argument("--dataset", choices=("mnist", "frey"), help="data.dataset")
+    overrides.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                           help="any other parameter, as `dvc exp run -S` takes it (repeatable)")
+    overrides.add_argument("--repo", help="repository root (default: VAE_REPO, else the working directory)")
+    pipeline = sub.add_parser("pipeline", parents=[overrides], help="run the vae-pipeline flow once",
+                              description="Run every DVC stage as a Prefect task (up-to-date ones skipped).")
+    pipeline.add_argument("--seed", type=int, help="train.seed")
+    retrain = sub.add_parser("retrain", parents=[overrides], help="run the scheduled-retraining flow once",
+                             description="Retrain with a new seed, evaluate, register, promote if better.")
+    retrain.add_argument("--seed", type=int, help="train.seed (default: one above every seed used so far)")
+    serve = sub.add_parser("serve", help="serve both deployments from this process (needs a Prefect server)",
+                           description="flow.serve alternative to prefect.yaml and a worker: registers "
+                                       "vae-pipeline/manual and scheduled-retraining/weekly and runs them "
+                                       "here until interrupted.")
+    serve.add_argument("--cron", default=DEFAULT_CRON, help="retraining schedule (default: %(default)s)")
+    serve.add_argument("--interval", type=float, help="retraining every this many seconds instead of --cron")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flows.pipeline import vae_pipeline
+    from flows.retraining import scheduled_retraining
+    from vae.errors import ConfigError, VaeError
+
+    if args.command == "serve":
+        from prefect import serve
+
+        schedule = {"interval": args.interval} if args.interval else {"cron": args.cron}
+        serve(vae_pipeline.to_deployment(name="manual"),
+              scheduled_retraining.to_deployment(name="weekly", **schedule),
+              pause_on_shutdown=False)
+        return 0
+    common = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset,
+              "seed": args.seed, "set_params": args.set_param, "repo": args.repo}
+    flow = vae_pipeline if args.command == "pipeline" else scheduled_retraining
+    try:
+        state = flow(**common, return_state=True)
+        result = state.result()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except VaeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{flow.name}: {state.name}; stages: {result['stages']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

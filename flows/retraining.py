@@ -1,0 +1,144 @@
+"""The ``scheduled-retraining`` flow: retrain, evaluate, register, and promote only a better model.
+
+1. **Seed**: one above every seed a registered version of ``vae-<dataset>`` was trained with (and
+   above ``train.seed`` in ``params.yaml``), so each retraining is a new draw.
+2. **Retrain and evaluate**: the ``vae-pipeline`` flow as a subflow with that seed. New data
+   comes in the same way: when a dataset's files change upstream (new checksums in
+   ``vae/data/sources.py``), DVC re-runs ``download`` and everything after it.
+3. **Register**: the ``evaluate`` stage registers the model as a new version of ``vae-<dataset>``;
+   this flow looks the version up by the run id in ``reports/metrics.json``.
+4. **Promote**: :func:`vae.registry.promote_if_better`: the alias ``champion`` moves to the new
+   version only if its test log-likelihood beats the champion's by more than the paired standard
+   error on the same test images (the champion is re-evaluated when the test images or k
+   differ, e.g. after new data); the first model becomes champion. The decision and its numbers
+   are tags on the version.
+
+Run it without any set-up: ``uv run python -m flows retrain --epochs 2``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import repository, vae_pipeline
+from vae.errors import TrackingError
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download clutters the flow log
+
+
+def model_name(dataset: str) -> str:
+    """The registered model of a dataset: ``vae-<dataset>`` (as the evaluate stage registers it)."""
+    return f"vae-{dataset}"
+
+
+@task(name="choose-seed", cache_policy=NO_CACHE)
+def choose_seed(root: str, dataset: str | None) -> tuple[int, str]:
+    """A training seed no registered version of the dataset's model used; and the model's name."""
+    from vae import tracking
+    from vae.config import load_params
+
+    params = load_params(Path(root) / "params.yaml")
+    name = model_name(dataset or params.data.dataset)
+    client = tracking.client_for(root)
+    used = [params.train.seed]
+    for version in client.search_model_versions(f"name='{name}'"):
+        seed = version.tags.get("train_seed")
+        if seed is not None and seed.lstrip("-").isdigit():
+            used.append(int(seed))
+    seed = max(used) + 1
+    get_run_logger().info("retraining %s with seed %d (seeds used so far: %s)", name, seed, sorted(set(used)))
+    return seed, name
+
+
+@task(name="registered-version", cache_policy=NO_CACHE)
+def registered_version(root: str, name: str, run_id: str | None) -> str:
+    """The version of ``name`` the evaluate stage registered from MLflow run ``run_id``.
+
+    Raises:
+        TrackingError: no run id (tracking was off) or no version from that run.
+    """
+    from vae import tracking
+
+    if not run_id:
+        raise TrackingError("reports/metrics.json names no MLflow run: was tracking off (VAE_TRACKING)?")
+    versions = tracking.client_for(root).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if not versions:
+        raise TrackingError(f"MLflow run {run_id} registered no version of {name}")
+    return str(max(int(v.version) for v in versions))
+
+
+def _reevaluate(root: Path, metrics: dict[str, Any]):
+    """The champion's per-example test L_k on this run's test images, k and seed (see vae.registry)."""
+    def reevaluate(champion: Any) -> np.ndarray:
+        import mlflow.pytorch
+
+        from vae import tracking
+        from vae.config import load_params
+        from vae.data.splits import load_split
+        from vae.evaluate import evaluate_split
+
+        client = tracking.client_for(root)
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_registry_uri(client.tracking_uri)
+        params = load_params(root / "params.yaml")
+        model = mlflow.pytorch.load_model(f"models:/{champion.name}/{champion.version}", map_location="cpu")
+        model.eval()
+        test = load_split(root / params.paths.processed / metrics["dataset"] / "test.pt")
+        get_run_logger().info("re-evaluating champion version %s on this run's %d test images with k = %d",
+                              champion.version, len(test), metrics["importance_samples"])
+        result = evaluate_split(model, test.values(), metrics["importance_samples"], [], params.evaluate.memory_budget_mb,
+                                params.evaluate.seed, "champion test", progress=False)
+        return result.log_likelihood.numpy()
+    return reevaluate
+
+
+@task(name="promote-if-better", cache_policy=NO_CACHE)
+def promote(root: str, name: str, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`vae.registry.promote_if_better` for the new version; returns the decision as a dict."""
+    from vae import registry, tracking
+
+    decision = registry.promote_if_better(tracking.client_for(root), name, version,
+                                          reevaluate=_reevaluate(Path(root), metrics))
+    logger = get_run_logger()
+    logger.info("%s version %s: %s (%s); champion is version %s", name, version,
+                "promoted to champion" if decision.promoted else "not promoted", decision.reason,
+                decision.champion_version)
+    return {"name": name, "version": version, "promoted": decision.promoted,
+            "champion_version": decision.champion_version, "reason": decision.reason}
+
+
+@flow(name="scheduled-retraining", log_prints=True)
+def scheduled_retraining(epochs: int | None = None, latent_dim: int | None = None, dataset: str | None = None,
+                         seed: int | None = None, set_params: list[str] | None = None,
+                         repo: str | None = None) -> dict[str, Any]:
+    """Retrain with a new seed, evaluate, register, and promote to ``champion`` only if better.
+
+    Args:
+        epochs, latent_dim, dataset: as for ``vae-pipeline`` (default: params.yaml's).
+        seed: the training seed (default: one above every seed used so far).
+        set_params: more ``dvc exp run -S``-style overrides.
+        repo: the repository (default: ``VAE_REPO``, else the working directory).
+
+    Returns:
+        The pipeline's stages and metrics, the seed, and the promotion decision.
+
+    Raises:
+        ConfigError, StageFailed: from the pipeline; TrackingError: no registered version.
+    """
+    root = str(repository(repo))
+    chosen, name = choose_seed(root, dataset)
+    seed = chosen if seed is None else seed
+    result = vae_pipeline(epochs=epochs, latent_dim=latent_dim, dataset=dataset, seed=seed,
+                          set_params=set_params, repo=root)
+    metrics = result["metrics"]
+    version = registered_version(root, name, metrics.get("mlflow_run_id"))
+    decision = promote(root, name, version, metrics)
+    print(f"{name} version {version} (seed {seed}): "
+          f"{'champion now' if decision['promoted'] else 'champion stays version ' + decision['champion_version']}")
+    return {**result, "seed": seed, "decision": decision}
