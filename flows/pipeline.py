@@ -75,7 +75,10 @@ def stage_order(root: Path) -> list[str]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        order = reversed(list(nx.topological_sort(graph)))
+        # Stages of the top-level dvc.yaml by name; any other file's as "path/dvc.yaml:name".
+        return [stage.name if Path(stage.path) == root / "dvc.yaml" else f"{Path(stage.path).relative_to(root)}:{stage.name}"
+                for stage in order]
 
 
 def overrides_for(set_params: Sequence[str] | None = None, **shortcuts: Any) -> list[str]:

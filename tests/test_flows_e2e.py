@@ -1,0 +1,205 @@
+"""Prefect for real, as the README runs it: `prefect server start` on 127.0.0.1 (temporary
+PREFECT_HOME), the work pool, `prefect --no-prompt deploy --all` from prefect.yaml, a process
+worker, `prefect deployment run ... --watch` on small data, and a short interval schedule that
+creates and completes a retraining run by itself. Every process started here is stopped by PID
+(with its children) at the end, also when a test fails."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from test_pipeline import SMALL, Pipeline, _copy_repo, _free_port, _git, _set_params
+
+pytestmark = pytest.mark.e2e
+POOL = "vae-process"
+# Smaller still than test_pipeline's: the stages' start-up, not the data, is what this test times.
+TINY = {**SMALL, "data": {"train_subset": 600, "eval_subset": 200},
+        "evaluate": {**SMALL["evaluate"], "importance_samples": 20, "train_examples": 200},
+        "visualize": {**SMALL["visualize"], "latent_points": 200}}
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process and everything it started (flow runs live in their own sessions), then SIGKILL."""
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=10)
+
+
+class Stack:
+    """The repository copy, its environment and the Prefect server's REST API."""
+
+    def __init__(self, pipe: Pipeline, api: str, home: Path) -> None:
+        self.pipe, self.api, self.home = pipe, api, home
+
+    def prefect(self, *args: str, timeout: float = 120) -> str:
+        result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=self.pipe.root, env=self.pipe.env,
+                                capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{output[-4000:]}"
+        return output
+
+    def request(self, endpoint: str, body: dict | None = None) -> dict | list:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.api}{endpoint}", data=data, method="GET" if body is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def flow_runs(self, flow: str, deployment: str) -> list[dict]:
+        found = self.request(f"/deployments/name/{flow}/{deployment}")
+        return self.request("/flow_runs/filter", {"deployments": {"id": {"any_": [found["id"]]}},
+                                                  "sort": "EXPECTED_START_TIME_ASC"})
+
+    def task_runs(self, flow_run_id: str) -> list[dict]:
+        return self.request("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+
+    def log(self, name: str) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text()[-4000:] if path.is_file() else ""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("prefect-repo")
+    _copy_repo(root)
+    _set_params(root / "params.yaml", TINY)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "test copy")
+    pipe = Pipeline(root, tmp_path_factory.mktemp("store") / "mlflow.db")
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    pipe.env.update({
+        "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_UI_ENABLED": "false", "DO_NOT_TRACK": "true"})
+    pipe.env.pop("PREFECT_PROFILES_PATH", None)
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = open(home / f"{name}.log", "w")
+        process = subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=root, env=pipe.env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append(process)
+        return process
+
+    stack = Stack(pipe, api, home)
+    try:
+        started = time.monotonic()
+        server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui")
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() - started > 180:
+                raise AssertionError(f"Prefect server did not become healthy:\n{stack.log('server')}")
+            time.sleep(0.5)
+        stack.server_seconds = time.monotonic() - started
+        print(f"Prefect server healthy after {stack.server_seconds:.1f} s", file=sys.stderr)
+        stack.prefect("work-pool", "create", POOL, "--type", "process")
+        stack.deploy_output = stack.prefect("--no-prompt", "deploy", "--all")
+        start("worker", "worker", "start", "--pool", POOL, "--limit", "1")
+        yield stack
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        for process in processes:
+            assert process.poll() is not None
+
+
+def test_deploy_registers_both_deployments_in_the_repository(stack: Stack) -> None:
+    manual = stack.request("/deployments/name/vae-pipeline/manual")
+    weekly = stack.request("/deployments/name/scheduled-retraining/weekly")
+    assert manual["work_pool_name"] == weekly["work_pool_name"] == POOL
+    assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 3 * * 1"]
+    directory = manual["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert Path(directory) == stack.pipe.root  # where `prefect deploy` ran
+
+
+def test_deployment_run_completes_every_stage(stack: Stack) -> None:
+    params_before = (stack.pipe.root / "params.yaml").read_bytes()
+    started = time.monotonic()
+    output = stack.prefect("deployment", "run", "vae-pipeline/manual", "-p", "epochs=1", "--watch",
+                           "--watch-timeout", "600", timeout=660)
+    seconds = time.monotonic() - started
+    print(f"deployment run on small data: {seconds:.1f} s", file=sys.stderr)
+    assert "Completed" in output, output[-3000:] + stack.log("worker")
+    runs = stack.flow_runs("vae-pipeline", "manual")
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
+    tasks = {task["name"]: task for task in stack.task_runs(runs[0]["id"])}
+    assert set(tasks) == {"download", "binarize", "train", "evaluate", "visualize", "report"}
+    assert all(task["state_type"] == "COMPLETED" and task["state_name"] in ("Completed", "Skipped")
+               for task in tasks.values()), {name: task["state_name"] for name, task in tasks.items()}
+
+    root = stack.pipe.root
+    assert (root / "params.yaml").read_bytes() == params_before  # epochs=1 was for this run only
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    metrics = stack.pipe.json("reports/metrics.json")
+    assert metrics["epochs"] == 1 and metrics["test_log_likelihood"] < 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stack.pipe.store}")
+    versions = client.search_model_versions(f"name='vae-mnist' and run_id='{metrics['mlflow_run_id']}'")
+    assert len(versions) == 1
+
+
+def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
+    """The schedule is a setting: replaced on the server by the CLI, no code involved."""
+    stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "20",
+                  "--replace", "--accept-yes")
+    started = time.monotonic()
+    completed: list[dict] = []
+    while not completed:
+        runs = stack.flow_runs("scheduled-retraining", "weekly")
+        failed = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
+        assert not failed, stack.log("worker")
+        completed = [run for run in runs if run["state_type"] == "COMPLETED"]
+        assert time.monotonic() - started < 480, f"no scheduled run completed:\n{stack.log('worker')}"
+        time.sleep(3)
+    print(f"first scheduled retraining completed {time.monotonic() - started:.1f} s after the schedule was set",
+          file=sys.stderr)
+    run = completed[0]
+    assert run["auto_scheduled"] is True  # created by the scheduler, not by anyone calling it
+    schedule = stack.request("/deployments/name/scheduled-retraining/weekly")["schedules"][0]
+    stack.prefect("deployment", "schedule", "pause", "scheduled-retraining/weekly", schedule["id"])
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stack.pipe.store}")
+    seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
+    # The manual run registered seed `seed`; the first retraining took the next one and, the
+    # registry having no champion yet, became champion.
+    retrained = [v for v in client.search_model_versions("name='vae-mnist'") if v.tags.get("train_seed") == str(seed + 1)]
+    assert len(retrained) == 1, [v.tags for v in client.search_model_versions("name='vae-mnist'")]
+    assert retrained[0].tags["champion_decision"] == "promoted"
+    assert "no champion" in retrained[0].tags["champion_reason"]
+    assert client.get_model_version_by_alias("vae-mnist", "champion") is not None
