@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -199,14 +200,23 @@ def test_second_repro_does_nothing_and_an_epochs_change_reruns_from_train(pipeli
     assert "Data and pipelines are up to date" in again
     assert "changed" not in pipeline.dvc("status")
 
+    _git(pipeline.root, "add", "dvc.lock")
+    _git(pipeline.root, "commit", "-qm", "two passes")
+    before = pipeline.json("reports/metrics.json")
     _set_params(pipeline.root / "params.yaml", {"train": {"epochs": 3}})
     changed = pipeline.dvc("repro")
     for stage in ("download", "binarize"):
         assert f"Running stage '{stage}'" not in changed
     for stage in ("train", "evaluate", "visualize", "report"):
         assert f"Running stage '{stage}'" in changed
-    assert pipeline.json("reports/metrics.json")["epochs"] == 3
+    after = pipeline.json("reports/metrics.json")
+    assert after["epochs"] == 3
     assert "Data and pipelines are up to date" in pipeline.dvc("status")
+    # `dvc metrics diff`: the committed run's metrics (from the cache, through HEAD's dvc.lock) beside these.
+    diff = json.loads(pipeline.dvc("metrics", "diff", "--json"))["reports/metrics.json"]
+    assert diff["epochs"] == {"old": 2, "new": 3, "diff": 1}
+    assert diff["test_log_likelihood"]["old"] == before["test_log_likelihood"]
+    assert diff["test_log_likelihood"]["new"] == after["test_log_likelihood"]
 
 
 def _free_port() -> int:
@@ -349,7 +359,7 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
 
     m = pipeline.json("reports/metrics.json")
     k = m["importance_samples"]
-    rows = [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+    rows = [[unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
             for row in re.findall(r"<tr[^>]*>(.*?)</tr>", dom, flags=re.S)]
     results = {row[0]: row[1] for row in rows if len(row) == 2}  # the (quantity, value) table
     expected = {

@@ -105,3 +105,22 @@ def test_tracking_uri_in_reports_masks_credentials(monkeypatch) -> None:
     assert tracking_uri() == "https://***@mlflow.example.org/path"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri().startswith("sqlite:///") and tracking_uri().endswith("mlflow.db")
+
+
+def test_figures_show_at_their_physical_size(tmp_path) -> None:
+    """A matplotlib figure of 6.5 x 4 inches at 300 dpi shows 6.5 * 144 CSS px wide; a PNG that
+    states no resolution gets no width (the browser's default)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(6.5, 4.0))
+    figure.savefig(tmp_path / "f.png", dpi=300)
+    plt.close(figure)
+    data = (tmp_path / "f.png").read_bytes()
+    assert int.from_bytes(data[16:20], "big") == 1950  # pixels
+    assert report.display_width(data) == round(6.5 * report.SCREEN_PX_PER_INCH) == 936
+    assert report.display_width(PNG_1x1) is None
+    with pytest.raises(ValueError, match="not a PNG"):
+        report.display_width(b"GIF89a" + bytes(30))

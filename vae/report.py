@@ -59,6 +59,38 @@ FIGURES = (
 SHOWN_ONLY_WITHOUT = {"samples": "prior_samples_by_latent_dim"}
 
 
+# Figures show at 1.5 CSS inches per printed inch: a 6.5-inch figure fills most of the 980-px
+# column, and text set in points reads the same size in every figure.
+SCREEN_PX_PER_INCH = 144
+
+
+def display_width(png: bytes) -> int | None:
+    """The width in CSS pixels at which a PNG shows: its printed width (from its ``pHYs``
+    resolution) at SCREEN_PX_PER_INCH, so text set in points reads the same in every figure; None
+    when the file states no resolution (the browser then shows it at its pixel width, at most the
+    column's).
+
+    Raises:
+        ValueError: ``png`` is not a PNG file.
+    """
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    width = int.from_bytes(png[16:20], "big")
+    position = 8
+    while position + 8 <= len(png):
+        length, kind = int.from_bytes(png[position : position + 4], "big"), png[position + 4 : position + 8]
+        if kind == b"pHYs" and length == 9:
+            per_metre = int.from_bytes(png[position + 8 : position + 12], "big")
+            unit = png[position + 16]
+            if unit == 1 and per_metre > 0:  # pixels per metre
+                return round(width / (per_metre * 0.0254) * SCREEN_PX_PER_INCH)
+            return None
+        if kind in (b"IDAT", b"IEND"):  # pHYs must come before the image data
+            return None
+        position += 12 + length
+    return None
+
+
 def markdown_escape(value: Any) -> str:
     """Text safe inside a Markdown table cell: HTML special characters, pipes and newlines escaped."""
     text = html.escape(str(value), quote=False)
@@ -175,8 +207,13 @@ def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], li
                             "recorded (labelled validation, not test).")
         if name == "prior_samples_by_latent_dim" and runs.get(name):
             caption += " Shown: " + ", ".join(_run_label(run) for run in runs[name]) + "."
+        data = path.read_bytes()
+        try:
+            width = display_width(data)
+        except ValueError:
+            raise VaeError(f"{path}: not a PNG file; re-run `vae visualize`") from None
         figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
-                        "data": base64.b64encode(path.read_bytes()).decode("ascii")})
+                        "data": base64.b64encode(data).decode("ascii"), "width": width})
     rows = []
     titles = {"lower_bound_runs": "Fig. 2", "prior_samples_by_latent_dim": "Fig. 5"}
     for name, label in titles.items():

@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from torchvision.transforms.functional import to_pil_image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 from vae import tracking  # noqa: E402
 from vae.config import Params, VisualizeConfig  # noqa: E402
@@ -54,11 +55,13 @@ IMAGE_SHAPE = {"mnist": (28, 28), "frey": (28, 20)}
 
 
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
-    """Save (N, D) images in [0, 1] as one PNG grid (torchvision), upscaled, atomically."""
+    """Save (N, D) images in [0, 1] as one PNG grid (torchvision ``make_grid``), each pixel upscaled
+    to GRID_SCALE x GRID_SCALE, stamped with DPI (a 10-image row of MNIST prints 4 inches wide), atomically."""
     grid = make_grid(images.reshape(-1, 1, *shape).cpu(), nrow=nrow, padding=2, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0]
     with atomic_path(path) as tmp:
-        save_image(grid, tmp, format="png")
+        # torchvision's save_image minus the DPI it cannot pass on (the report sizes images by it).
+        to_pil_image(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)).save(tmp, format="png", dpi=(DPI, DPI))
 
 
 def _save_figure(figure: plt.Figure, path: Path) -> None:
@@ -260,7 +263,8 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
                 axes.plot(frame["examples_seen"], frame[run.held_out], styles[run.held_out][0], color=colour, lw=1.4)
                 values.append(frame[run.held_out])
         axes.set_xscale("log")
-        axes.set_xlim(min(FIGURE2_FROM, first / 1.5), max(last * 1.5, 10 * FIGURE2_FROM))
+        left = min(FIGURE2_FROM, first / 1.5)
+        axes.set_xlim(left, max(last * 1.5, 10 * left))  # at least one decade
         joined = pd.concat(values).dropna()
         low, high = float(joined.min()), float(joined.max())
         margin = max(2.0, 0.08 * (high - low))
