@@ -124,3 +124,27 @@ def test_figures_show_at_their_physical_size(tmp_path) -> None:
     assert report.display_width(PNG_1x1) is None
     with pytest.raises(ValueError, match="not a PNG"):
         report.display_width(b"GIF89a" + bytes(30))
+
+
+def test_a_rewritten_dvc_lock_alone_is_not_an_uncommitted_change(tmp_path, monkeypatch) -> None:
+    """`dvc repro` rewrites dvc.lock before the report stage runs: the report's provenance must not
+    call the run's code uncommitted for that, but must for any other tracked change."""
+    import subprocess
+
+    from vae.tracking import git_dirty
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("profile: quick\n")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    monkeypatch.chdir(tmp_path)
+    assert not git_dirty()
+    (tmp_path / "dvc.lock").write_text("stages: {train: {}}\n")
+    assert git_dirty() and not git_dirty(ignore=("dvc.lock",))
+    (tmp_path / "params.yaml").write_text("profile: aevb-mnist\n")
+    assert git_dirty(ignore=("dvc.lock",))

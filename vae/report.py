@@ -277,14 +277,16 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         no_references = "No published numbers use this dataset and binarization."
     figures, figure_runs = _figures(figures_dir, m, params)
     commit = tracking.git_commit()
+    # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
+    dirty = tracking.git_dirty(ignore=("dvc.lock",))
     provenance = [
-        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if tracking.git_dirty() else "")),
+        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if dirty else "")),
         ("MLflow run", metrics.get("mlflow_run_id") or "not tracked"),
         ("MLflow training run", summary.get("mlflow_run_id") or "not tracked"),
         ("MLflow tracking URI", tracking.tracking_uri() if metrics.get("mlflow_run_id") else "-"),
         *stage_digests(),
         ("reproduce", f"git checkout {commit or '<commit>'} && uv run dvc repro"
-                      + ("  (first commit the uncommitted changes this run used)" if tracking.git_dirty() else "")),
+                      + ("  (first commit the uncommitted changes this run used)" if dirty else "")),
     ]
     return {
         "title": (f"VAE on Frey Face (Gaussian decoder), latent_dim = {m['latent_dim']}" if m["dataset"] == "frey"

@@ -50,9 +50,11 @@ def git_commit() -> str | None:
     return _git("rev-parse", "HEAD") or None
 
 
-def git_dirty() -> bool:
-    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+def git_dirty(ignore: Sequence[str] = ()) -> bool:
+    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count);
+    paths in ``ignore`` (relative to the repository root, e.g. ``dvc.lock``) do not count either."""
+    changed = _git("diff", "--name-only", "HEAD") or ""  # staged and unstaged changes to tracked files
+    return any(path not in ignore for path in changed.splitlines() if path)
 
 
 def tracking_uri() -> str:
