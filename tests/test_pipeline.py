@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ SMALL = {
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
 STAGES = ("download", "binarize", "train", "evaluate", "visualize", "report")
+# The figures the report shows for this latent_dim = 2 MNIST run (samples.png is the same draws as
+# Figure 5's panel of this run, so the report shows it only without Figure 5).
+FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
+           "prior_samples_by_latent_dim", "reconstructions", "latent_space")
 
 
 def _copy_repo(destination: Path) -> None:
@@ -100,9 +105,13 @@ def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> No
                  "t10k-labels-idx1-ubyte"):
         assert (root / "data/raw/mnist" / name).stat().st_size > 0
     assert not list((root / "data/raw/mnist").glob(".*tmp")), "temporary download files left behind"
-    for name in ("samples", "reconstructions", "latent_space", "elbo_curves", "manifold", "bound_curve",
-                 "log_likelihood_histogram"):
+    for name in FIGURES + ("samples",):
         assert (root / "reports/figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = pipeline.json("reports/figures/figure_runs.json")
+    summary = pipeline.json("reports/train_summary.json")
+    for figure in ("lower_bound_runs", "prior_samples_by_latent_dim"):  # a fresh store: this run alone
+        assert [(r["run_id"], r["latent_dim"], r["current"]) for r in runs[figure]] == [
+            (summary["mlflow_run_id"], 2, True)]
 
 
 def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
@@ -131,7 +140,7 @@ def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
     assert len(per_example) == 1 + 500 + 2000
     assert metrics["train_seconds"] > 0
     curve = (pipeline.root / "reports/elbo_curve.csv").read_text().splitlines()
-    assert curve[0].startswith("epoch,examples_seen,train_elbo,valid_elbo") and len(curve) == 3
+    assert curve[0].startswith("epoch,examples_seen,train_elbo,valid_elbo,test_elbo") and len(curve) == 3
     assert curve[-1].split(",")[1] == str(2 * 2000)
 
 
@@ -154,7 +163,7 @@ def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
 def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
     html = (pipeline.root / "reports/report.html").read_text()
     metrics = pipeline.json("reports/metrics.json")
-    assert html.count("data:image/png;base64,") == 7
+    assert html.count("data:image/png;base64,") == len(FIGURES)
     assert "src=\"http" not in html and "src='http" not in html, "report must not need the network"
     assert f"{metrics['test_log_likelihood']:.2f}" in html
     assert "dynamic" in html and "static" not in html.split("Provenance")[0].lower()
@@ -175,8 +184,14 @@ def test_dvc_metrics_and_plots_render(pipeline: Pipeline) -> None:
     plots = json.loads(pipeline.dvc("plots", "show", "--json"))["data"]
     assert set(plots) == {"ELBO per epoch", "ELBO per minibatch", "Bound tightness (L_k against k)"}, list(plots)
     rows = plots["ELBO per epoch"][0]["content"]["data"]["values"]
-    assert {row["field"] for row in rows} == {"train_elbo", "valid_elbo"}
-    assert len(rows) == 2 * pipeline.json("reports/metrics.json")["epochs"]
+    assert {row["field"] for row in rows} == {"train_elbo", "valid_elbo", "test_elbo"}
+    assert len(rows) == 3 * pipeline.json("reports/metrics.json")["epochs"]
+    curve = (pipeline.root / "reports/elbo_curve.csv").read_text().splitlines()
+    header = curve[0].split(",")
+    test_elbos = {round(float(line.split(",")[header.index("test_elbo")]), 4) for line in curve[1:]}
+    assert {round(float(row["test_elbo"]), 4) for row in rows if row["field"] == "test_elbo"} == test_elbos
+    bound = json.loads(pipeline.dvc("plots", "show", "--json"))["data"]["Bound tightness (L_k against k)"]
+    assert {row["k"] for row in bound[0]["content"]["data"]["values"]} == {"1", "5", "50"}
 
 
 def test_second_repro_does_nothing_and_an_epochs_change_reruns_from_train(pipeline: Pipeline) -> None:
@@ -185,14 +200,23 @@ def test_second_repro_does_nothing_and_an_epochs_change_reruns_from_train(pipeli
     assert "Data and pipelines are up to date" in again
     assert "changed" not in pipeline.dvc("status")
 
+    _git(pipeline.root, "add", "dvc.lock")
+    _git(pipeline.root, "commit", "-qm", "two passes")
+    before = pipeline.json("reports/metrics.json")
     _set_params(pipeline.root / "params.yaml", {"train": {"epochs": 3}})
     changed = pipeline.dvc("repro")
     for stage in ("download", "binarize"):
         assert f"Running stage '{stage}'" not in changed
     for stage in ("train", "evaluate", "visualize", "report"):
         assert f"Running stage '{stage}'" in changed
-    assert pipeline.json("reports/metrics.json")["epochs"] == 3
+    after = pipeline.json("reports/metrics.json")
+    assert after["epochs"] == 3
     assert "Data and pipelines are up to date" in pipeline.dvc("status")
+    # `dvc metrics diff`: the committed run's metrics (from the cache, through HEAD's dvc.lock) beside these.
+    diff = json.loads(pipeline.dvc("metrics", "diff", "--json"))["reports/metrics.json"]
+    assert diff["epochs"] == {"old": 2, "new": 3, "diff": 1}
+    assert diff["test_log_likelihood"]["old"] == before["test_log_likelihood"]
+    assert diff["test_log_likelihood"]["new"] == after["test_log_likelihood"]
 
 
 def _free_port() -> int:
@@ -278,8 +302,13 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
                  metric_key="test_log_likelihood_curve")["metrics"]
     assert sorted(point["step"] for point in curve) == [1, 5, 50]
 
+    test_curve = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                      metric_key="test_elbo_curve")["metrics"]
+    assert sorted(point["step"] for point in test_curve) == [2000 * (e + 1) for e in range(epochs)]
+
     artifacts = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="figures")
-    assert {Path(f["path"]).name for f in artifacts["files"]} >= {"samples.png", "manifold.png", "elbo_curves.png"}
+    assert {Path(f["path"]).name for f in artifacts["files"]} >= {f"{name}.png" for name in FIGURES} | {
+        "samples.png", "figure_runs.json"}
 
     versions = _get(mlflow_server, "/api/2.0/mlflow/model-versions/search", filter="name='vae-mnist'")
     mine = [v for v in versions["model_versions"] if v["run_id"] == run_id]
@@ -292,37 +321,72 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
 
 PROBE = """<script>window.addEventListener("load", () => {
   for (const img of document.images) img.setAttribute("data-natural-width", img.naturalWidth);
+  document.body.setAttribute("data-height", document.documentElement.scrollHeight);
   document.body.setAttribute("data-probed", "yes");
 });</script>"""
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars"]
+WIDTH = 1100
+
+
+def _chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None:
-    """Headless Chromium opens report.html: every image decodes, the tables hold metrics.json's
-    numbers, and a screenshot is saved (reports/report_screenshot.png in the test's repo copy)."""
+    """Headless Chromium opens report.html as a reader would: every image decodes (naturalWidth > 0),
+    every number the tables show from metrics.json is there as the report formats it, and a
+    full-page screenshot is saved under this test's tmp dir (its path is printed)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does when it can)")
     report = pipeline.root / "reports/report.html"
     probe = tmp_path / "probe.html"
     probe.write_text(report.read_text() + PROBE)
-    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom",
-                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = _chromium(browser, tmp_path / "profile", f"--window-size={WIDTH},1000", "--virtual-time-budget=10000",
+                    "--dump-dom", probe.as_uri()).stdout
     assert 'data-probed="yes"' in dom, "the page did not finish loading"
-    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == 7 and all(width > 0 for width in widths), widths
-    metrics = pipeline.json("reports/metrics.json")
-    cells = re.findall(r"<td[^>]*>(.*?)</td>", dom, flags=re.S)
-    for number in (f"{metrics['test_log_likelihood']:.2f} ± {metrics['test_log_likelihood_stderr']:.2f}",
-                   f"{metrics['test_elbo']:.2f}", f"{metrics['train_log_likelihood']:.2f}"):
-        assert any(number in cell for cell in cells), number
-    screenshot = pipeline.root / "reports/report_screenshot.png"
-    subprocess.run([browser, *CHROMIUM_FLAGS, *profile, "--window-size=1100,3000",
-                    f"--screenshot={screenshot}", report.as_uri()], capture_output=True, timeout=120)
+    images = re.findall(r"<img\b[^>]*>", dom)
+    widths = {re.search(r'alt="([^"]*)"', tag).group(1): int(re.search(r'data-natural-width="(\d+)"', tag).group(1))
+              for tag in images}
+    assert len(images) == len(FIGURES) == len(widths), list(widths)
+    assert all(width > 0 for width in widths.values()), widths
+    assert "Lower bound during training (cf. AEVB Figure 2)" in widths
+    assert "Samples from the prior (cf. AEVB Figure 5)" in widths
+    assert "Learned 2-D manifold (cf. AEVB Figure 4)" in widths
+
+    m = pipeline.json("reports/metrics.json")
+    k = m["importance_samples"]
+    rows = [[unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", dom, flags=re.S)]
+    results = {row[0]: row[1] for row in rows if len(row) == 2}  # the (quantity, value) table
+    expected = {
+        f"test log-likelihood L_{k}": f"{m['test_log_likelihood']:.2f} ± {m['test_log_likelihood_stderr']:.2f}",
+        f"train log-likelihood L_{k} ({m['train_examples_evaluated']} images)":
+            f"{m['train_log_likelihood']:.2f} ± {m['train_log_likelihood_stderr']:.2f}",
+        "train - test gap (overfitting)": f"{m['train_test_gap']:.2f}",
+        "test ELBO": f"{m['test_elbo']:.2f}", "train ELBO (last pass)": f"{m['train_elbo']:.2f}",
+        "validation ELBO (last pass)": f"{m['valid_elbo']:.2f}",
+        "active units (A_u > 0.01)": f"{m['active_units']} of {m['latent_dim']}",
+        **{f"test L_{key}": f"{value:.2f}" for key, value in m["bound_curve"].items() if int(key) != k}}
+    for quantity, value in expected.items():
+        assert results.get(quantity) == value, (quantity, results.get(quantity), value)
+    ours = [row for row in rows if row and row[0] == "this run"]  # beside the published numbers
+    assert len(ours) == 1 and ours[0][-1] == f"{m['test_log_likelihood']:.2f}", ours
+
+    height = int(re.search(r'data-height="(\d+)"', dom).group(1))
+    assert height > 2000  # eight figures and four tables
+    screenshot = tmp_path / "report_screenshot.png"
+    _chromium(browser, tmp_path / "profile", f"--window-size={WIDTH},{min(height, 16000)}",
+              "--virtual-time-budget=10000", f"--screenshot={screenshot}", report.as_uri())
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(screenshot) as shot:
+        assert shot.width == WIDTH and shot.height == min(height, 16000)
+    print(f"report screenshot: {screenshot}")
 
 
 def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipeline) -> None:
@@ -354,3 +418,22 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
     assert {"samples.png", "bound_curve.png"} <= {
         Path(f.path).name for f in client.list_artifacts(child.info.run_id, "figures")}
 
+
+
+def test_a_second_latent_size_joins_figures_2_and_5(pipeline: Pipeline) -> None:
+    """After the module's other tests (it trains another model): a run with latent_dim = 3 draws the
+    latest finished latent_dim = 2 run from the MLflow store beside itself in Figures 2 and 5."""
+    previous = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
+    _set_params(pipeline.root / "params.yaml", {"model": {"latent_dim": 3}})
+    output = pipeline.dvc("repro")
+    for stage in ("train", "evaluate", "visualize", "report"):
+        assert f"Running stage '{stage}'" in output
+    current = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
+    runs = pipeline.json("reports/figures/figure_runs.json")
+    for figure in ("lower_bound_runs", "prior_samples_by_latent_dim"):
+        assert [(r["latent_dim"], r["run_id"], r["current"]) for r in runs[figure]] == [
+            (2, previous, False), (3, current, True)], figure
+    assert all(r["held_out"] == "test" for r in runs["lower_bound_runs"])
+    html = (pipeline.root / "reports/report.html").read_text()
+    assert previous in html and "Shown: N_z = 2, N_z = 3 (this run)." in html
+    assert "manifold" not in {p.stem for p in (pipeline.root / "reports/figures").glob("*.png")}  # z is 3-D now

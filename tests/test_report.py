@@ -10,6 +10,7 @@ import pytest
 
 from vae import report
 from vae.config import Params, PathsConfig
+from vae.errors import VaeError
 
 PNG_1x1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -21,8 +22,13 @@ def written(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_TRACKING", "off")
     reports = tmp_path / "reports"
     (reports / "figures").mkdir(parents=True)
-    (reports / "figures" / "samples.png").write_bytes(PNG_1x1)
-    (reports / "figures" / "elbo_curves.png").write_bytes(PNG_1x1)
+    for name in ("samples", "elbo_curves", "lower_bound_runs", "prior_samples_by_latent_dim"):
+        (reports / "figures" / f"{name}.png").write_bytes(PNG_1x1)
+    run = {"run_id": "abc123", "name": HOSTILE, "dataset": "mnist", "binarization": "dynamic", "profile": "quick",
+           "latent_dim": 5, "current": False, "held_out": "validation", "points": 3}
+    this = {**run, "run_id": None, "name": "this run", "latent_dim": 20, "current": True, "held_out": "test"}
+    (reports / "figures" / "figure_runs.json").write_text(json.dumps(
+        {"lower_bound_runs": [run, this], "prior_samples_by_latent_dim": [run, this]}))
     metrics = {
         "dataset": "mnist", "binarization": "dynamic", "latent_dim": 20, "hidden_dim": 500, "epochs": 3,
         "importance_samples": 50, "test_examples": 100, "test_log_likelihood": -97.1234,
@@ -46,7 +52,13 @@ def test_html_escapes_values_and_embeds_images(written) -> None:
     html = (reports / "report.html").read_text()
     assert HOSTILE not in html and "<script>" not in html
     assert "&lt;script&gt;" in html
-    assert html.count("data:image/png;base64,") == 2
+    # Figure 5 present: samples.png (the same draws as this run's panel) is not shown twice.
+    assert html.count("data:image/png;base64,") == 3
+    assert "cf. AEVB Figure 2" in html and "cf. AEVB Figure 5" in html and 'alt="Samples from the prior"' not in html
+    assert html.index("cf. AEVB Figure 2") < html.index("This run&#39;s training curves") < html.index("cf. AEVB Figure 5")
+    assert "Shown: N_z = 5, N_z = 20 (this run)." in html
+    assert "Dotted: validation ELBO" in html  # a run without a per-pass test ELBO is not called test
+    assert "abc123 (&lt;script&gt;" in html  # the run name, escaped
     for value in ("-97.12 ± 0.43", "-96.25 ± 0.50", "-101.50", "17 of 20", "-99.30"):
         assert value in html, value
     assert "Table 1" in html  # published numbers of the same (dynamic) binarization
@@ -58,8 +70,27 @@ def test_markdown_escapes_values_and_links_figures(written) -> None:
     markdown = (reports / "report.md").read_text()
     table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all("<script>" not in line for line in table_lines)
-    assert "(figures/samples.png)" in markdown and "(figures/elbo_curves.png)" in markdown
+    assert "(figures/lower_bound_runs.png)" in markdown and "(figures/elbo_curves.png)" in markdown
+    assert "(figures/samples.png)" not in markdown
+    assert "abc123 (&lt;script&gt;" in markdown
     assert "-97.12 ± 0.43" in markdown
+
+
+def test_setup_and_provenance_rows(written) -> None:
+    reports, _ = written
+    markdown = (reports / "report.md").read_text()
+    for row in ("| hardware |", "| software |", "| training wall time | 12.0 s |", "| MLflow run | not tracked |",
+                "| reproduce |", "| git commit |"):
+        assert row in markdown, row
+    assert "| Fig. 2 | 5 | mnist | dynamic | quick | validation | abc123" in markdown
+
+
+def test_damaged_figure_runs_file_is_named(written) -> None:
+    reports, metrics = written
+    (reports / "figures" / "figure_runs.json").write_text("[1, 2")
+    params = dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports)))
+    with pytest.raises(VaeError, match="figure_runs.json: not valid JSON"):
+        report.run(params, progress=False)
 
 
 def test_markdown_escape() -> None:
@@ -74,3 +105,46 @@ def test_tracking_uri_in_reports_masks_credentials(monkeypatch) -> None:
     assert tracking_uri() == "https://***@mlflow.example.org/path"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri().startswith("sqlite:///") and tracking_uri().endswith("mlflow.db")
+
+
+def test_figures_show_at_their_physical_size(tmp_path) -> None:
+    """A matplotlib figure of 6.5 x 4 inches at 300 dpi shows 6.5 * 144 CSS px wide; a PNG that
+    states no resolution gets no width (the browser's default)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(6.5, 4.0))
+    figure.savefig(tmp_path / "f.png", dpi=300)
+    plt.close(figure)
+    data = (tmp_path / "f.png").read_bytes()
+    assert int.from_bytes(data[16:20], "big") == 1950  # pixels
+    assert report.display_width(data) == round(6.5 * report.SCREEN_PX_PER_INCH) == 936
+    assert report.display_width(PNG_1x1) is None
+    with pytest.raises(ValueError, match="not a PNG"):
+        report.display_width(b"GIF89a" + bytes(30))
+
+
+def test_a_rewritten_dvc_lock_alone_is_not_an_uncommitted_change(tmp_path, monkeypatch) -> None:
+    """`dvc repro` rewrites dvc.lock before the report stage runs: the report's provenance must not
+    call the run's code uncommitted for that, but must for any other tracked change."""
+    import subprocess
+
+    from vae.tracking import git_dirty
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("profile: quick\n")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    monkeypatch.chdir(tmp_path)
+    assert not git_dirty()
+    (tmp_path / "dvc.lock").write_text("stages: {train: {}}\n")
+    assert git_dirty() and not git_dirty(ignore=("dvc.lock",))
+    (tmp_path / "params.yaml").write_text("profile: aevb-mnist\n")
+    assert git_dirty(ignore=("dvc.lock",))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from vae.errors import ConfigError
@@ -20,8 +23,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cpu_name() -> str | None:
+    """The processor's model name (Linux ``/proc/cpuinfo``, else ``platform.processor()``), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def describe(device: torch.device) -> str:
-    """A human-readable name of the hardware, for reports: e.g. 'cuda (NVIDIA H200)' or 'cpu (2 threads)'."""
+    """A human-readable name of the hardware, for reports: e.g. 'cuda (NVIDIA H200)' or
+    'cpu (AMD EPYC, 2 threads)' (the thread count torch computes with)."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    name = _cpu_name()
+    return f"cpu ({name + ', ' if name else ''}{torch.get_num_threads()} threads)"
+
+
+def software() -> str:
+    """The versions that change numbers: e.g. 'torch 2.13.0, Python 3.12.3'."""
+    return f"torch {torch.__version__}, Python {platform.python_version()}"

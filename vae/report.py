@@ -20,28 +20,75 @@ import yaml
 
 from vae import tracking
 from vae.config import Params
+from vae.errors import VaeError
 from vae.io import read_json, write_text
 from vae.references import comparable
 
+# (file name, title, caption) in the order of a results section; captions that depend on the
+# run are completed by _figures(). A figure whose file is missing (e.g. the manifold when
+# latent_dim != 2) is left out.
 FIGURES = (
-    ("elbo_curves", "ELBO during training",
-     "Train and validation ELBO against the number of training examples evaluated (log axis), "
-     "as in AEVB Figure 2; grey: moving mean of the minibatch estimates."),
+    ("lower_bound_runs", "Lower bound during training (cf. AEVB Figure 2)",
+     "Train ELBO (solid) and test ELBO (dashed) per evaluated pass against the number of training "
+     "examples evaluated (log axis from 10^5, as in the paper, or from just before the first evaluated "
+     "pass when that comes earlier), in nats per example. One panel per dataset and binarization, one "
+     "colour per run: the latest run whose training finished for each latent size N_z in the MLflow "
+     "tracking store (listed under Provenance)."),
+    ("elbo_curves", "This run's training curves",
+     "Train, validation and test ELBO of this run per evaluated pass (log axis); grey: the minibatch "
+     "bound, each point a mean over train.log_interval consecutive minibatches."),
     ("bound_curve", "Bound tightness",
      "L_k against the number of importance samples k (error bars: standard error over images), "
      "test and training images; L_1 is the ELBO in expectation and L_k rises towards log p(x)."),
     ("log_likelihood_histogram", "Per-image log-likelihood",
      "Histogram of L_k over test images and the evaluated training images; vertical lines: means."),
+    ("manifold", "Learned 2-D manifold (cf. AEVB Figure 4)",
+     "Decoder means over a regular grid of the unit square mapped through the inverse Gaussian CDF "
+     "to z (z_1 rising left to right, z_2 rising bottom to top)."),
+    ("prior_samples_by_latent_dim", "Samples from the prior (cf. AEVB Figure 5)",
+     "Decoder means for random z ~ N(0, I), one grid per latent size N_z, each from the latest run "
+     "with that latent size on this dataset and binarization."),
     ("samples", "Samples from the prior",
-     "Decoder means sigmoid(logits(z)) for z ~ N(0, I), as in AEVB Figure 5."),
+     "Decoder means for z ~ N(0, I) of this run's model."),
     ("reconstructions", "Reconstructions",
-     "Top: binarized test images. Bottom: decoder means at z = E_q[z|x]."),
+     "Top: binarized test images. Bottom: their decoder means at z = E_q[z|x]."),
     ("latent_space", "Latent space",
-     "Posterior means of test images coloured by digit label."),
-    ("manifold", "Learned 2-D manifold",
-     "Decoder means over a grid of the unit square mapped through the inverse Gaussian CDF, "
-     "as in AEVB Figure 4."),
+     "Posterior means E_q[z|x] of test images coloured by digit label."),
 )
+# samples.png shows the same draws as this run's panel of Figure 5: shown only without Figure 5.
+SHOWN_ONLY_WITHOUT = {"samples": "prior_samples_by_latent_dim"}
+
+
+# Figures show at 1.5 CSS inches per printed inch: a 6.5-inch figure fills most of the 980-px
+# column, and text set in points reads the same size in every figure.
+SCREEN_PX_PER_INCH = 144
+
+
+def display_width(png: bytes) -> int | None:
+    """The width in CSS pixels at which a PNG shows: its printed width (from its ``pHYs``
+    resolution) at SCREEN_PX_PER_INCH, so text set in points reads the same in every figure; None
+    when the file states no resolution (the browser then shows it at its pixel width, at most the
+    column's).
+
+    Raises:
+        ValueError: ``png`` is not a PNG file.
+    """
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    width = int.from_bytes(png[16:20], "big")
+    position = 8
+    while position + 8 <= len(png):
+        length, kind = int.from_bytes(png[position : position + 4], "big"), png[position + 4 : position + 8]
+        if kind == b"pHYs" and length == 9:
+            per_metre = int.from_bytes(png[position + 8 : position + 12], "big")
+            unit = png[position + 16]
+            if unit == 1 and per_metre > 0:  # pixels per metre
+                return round(width / (per_metre * 0.0254) * SCREEN_PX_PER_INCH)
+            return None
+        if kind in (b"IDAT", b"IEND"):  # pHYs must come before the image data
+            return None
+        position += 12 + length
+    return None
 
 
 def markdown_escape(value: Any) -> str:
@@ -112,6 +159,71 @@ def _training(summary: dict, params: Params) -> tuple[str, str, str]:
     return objective, optimizer, length
 
 
+def _figure_runs(figures_dir: Path) -> dict[str, list[dict]]:
+    """``figure_runs.json`` of the visualize stage: the runs behind Figures 2 and 5 (empty if absent).
+
+    Raises:
+        VaeError: the file is not the JSON object the visualize stage writes (names the file).
+    """
+    path = figures_dir / "figure_runs.json"
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise VaeError(f"{path}: not valid JSON ({error}); re-run `vae visualize`") from None
+    if not (isinstance(runs, dict) and all(isinstance(v, list) and all(isinstance(r, dict) for r in v)
+                                           for v in runs.values())):
+        raise VaeError(f"{path}: expected {{figure: [run, ...]}} as the visualize stage writes; re-run `vae visualize`")
+    return runs
+
+
+def _run_label(run: dict) -> str:
+    return f"N_z = {run.get('latent_dim')}" + (" (this run)" if run.get("current") else "")
+
+
+def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], list[tuple]]:
+    """The figures present in ``figures_dir``, base64-encoded, with captions completed for this run;
+    and the rows (figure, N_z, dataset, binarization, profile, held-out curve, MLflow run) of the
+    runs that Figures 2 and 5 show."""
+    runs = _figure_runs(figures_dir)
+    unlabelled = m["dataset"] == "frey" or m["binarization"] == "static"
+    figures = []
+    for name, title, caption in FIGURES:
+        path = figures_dir / f"{name}.png"
+        if not path.is_file() or (figures_dir / f"{SHOWN_ONLY_WITHOUT.get(name, '-')}.png").is_file():
+            continue
+        if unlabelled:
+            caption = caption.replace("binarized test images", "test images").replace(
+                " coloured by digit label", " (this data set has no labels)")
+        if name == "latent_space" and m["latent_dim"] > 2:
+            caption += (f" With latent_dim = {m['latent_dim']}, a 2-D {params.visualize.projection.upper()} "
+                        "projection of them (scikit-learn; the title gives the method).")
+        if name == "lower_bound_runs":
+            shown = runs.get(name, [])
+            caption += f" Runs shown: {len(shown)}."
+            if any(run.get("held_out") == "validation" for run in shown):
+                caption += (" Dotted: validation ELBO, for runs trained before the per-pass test ELBO was "
+                            "recorded (labelled validation, not test).")
+        if name == "prior_samples_by_latent_dim" and runs.get(name):
+            caption += " Shown: " + ", ".join(_run_label(run) for run in runs[name]) + "."
+        data = path.read_bytes()
+        try:
+            width = display_width(data)
+        except ValueError:
+            raise VaeError(f"{path}: not a PNG file; re-run `vae visualize`") from None
+        figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
+                        "data": base64.b64encode(data).decode("ascii"), "width": width})
+    rows = []
+    titles = {"lower_bound_runs": "Fig. 2", "prior_samples_by_latent_dim": "Fig. 5"}
+    for name, label in titles.items():
+        for run in runs.get(name, []):
+            rows.append((label, run.get("latent_dim"), run.get("dataset"), run.get("binarization"), run.get("profile"),
+                         run.get("held_out"), (run.get("run_id") or "not tracked")
+                         + (" (this run)" if run.get("current") else f" ({run.get('name')})")))
+    return figures, rows
+
+
 def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
     """Everything the templates show, as plain values."""
     m = metrics
@@ -139,6 +251,7 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         ("optimizer", optimizer),
         ("training length", length),
         ("hardware", summary.get("device", "unknown")),
+        ("software", summary.get("software", "not recorded")),
         ("training wall time", f"{m['train_seconds']:.1f} s"),
         ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test and "
                        f"{m['train_examples_evaluated']} training images ({m['evaluate_seconds']:.1f} s)"),
@@ -162,23 +275,18 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
                          "positive) and is not comparable with MNIST's.")
     else:
         no_references = "No published numbers use this dataset and binarization."
-    figures = []
-    for name, title, caption in FIGURES:
-        path = figures_dir / f"{name}.png"
-        if m["dataset"] == "frey" or m["binarization"] == "static":
-            caption = caption.replace("binarized test images", "test images").replace(
-                " coloured by digit label", " (this data set has no labels)")
-        if path.is_file():
-            figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
-                            "data": base64.b64encode(path.read_bytes()).decode("ascii")})
+    figures, figure_runs = _figures(figures_dir, m, params)
     commit = tracking.git_commit()
+    # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
+    dirty = tracking.git_dirty(ignore=("dvc.lock",))
     provenance = [
-        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if tracking.git_dirty() else "")),
+        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if dirty else "")),
         ("MLflow run", metrics.get("mlflow_run_id") or "not tracked"),
         ("MLflow training run", summary.get("mlflow_run_id") or "not tracked"),
         ("MLflow tracking URI", tracking.tracking_uri() if metrics.get("mlflow_run_id") else "-"),
         *stage_digests(),
-        ("reproduce", f"git checkout {commit[:12] if commit else '<commit>'} && uv run dvc repro"),
+        ("reproduce", f"git checkout {commit or '<commit>'} && uv run dvc repro"
+                      + ("  (first commit the uncommitted changes this run used)" if dirty else "")),
     ]
     return {
         "title": (f"VAE on Frey Face (Gaussian decoder), latent_dim = {m['latent_dim']}" if m["dataset"] == "frey"
@@ -190,7 +298,7 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         "our_architecture": architecture, "importance_samples": k, "our_model": our_model,
         "no_references": no_references,
         "our_log_likelihood": f"{m['test_log_likelihood']:.2f}",
-        "figures": figures, "provenance": provenance,
+        "figures": figures, "provenance": provenance, "figure_runs": figure_runs,
         "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),
     }
 

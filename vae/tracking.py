@@ -13,6 +13,7 @@ mlflow is imported only when a tracker is created, so training runs without it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -49,9 +50,11 @@ def git_commit() -> str | None:
     return _git("rev-parse", "HEAD") or None
 
 
-def git_dirty() -> bool:
-    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+def git_dirty(ignore: Sequence[str] = ()) -> bool:
+    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count);
+    paths in ``ignore`` (relative to the repository root, e.g. ``dvc.lock``) do not count either."""
+    changed = _git("diff", "--name-only", "HEAD") or ""  # staged and unstaged changes to tracked files
+    return any(path not in ignore for path in changed.splitlines() if path)
 
 
 def tracking_uri() -> str:
@@ -175,6 +178,79 @@ def client_for(root: str | Path) -> Any:
         raise TrackingError(f"mlflow is not installed ({error})") from None
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A training run found in the tracking store (see :func:`trained_runs`)."""
+
+    run_id: str
+    name: str
+    dataset: str
+    binarization: str
+    profile: str
+    latent_dim: int
+    start_time: int  # milliseconds since the epoch
+
+
+def _read(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:
+        raise TrackingError(f"MLflow tracking at {uri} failed in {function.__name__}: {error}") from error
+
+
+def trained_runs(experiment_prefix: str = "vae-", limit: int = 1000) -> list[TrainedRun]:
+    """The runs of the experiments named ``<experiment_prefix>*`` whose training finished
+    (the ``train`` stage logs ``train_seconds`` last), newest first; child runs (re-evaluations)
+    and runs without dataset, binarization or latent_dim are left out. Empty when tracking is off.
+
+    Raises:
+        TrackingError: the tracking store cannot be read (names the URI).
+    """
+    if not enabled():
+        return []
+    client, uri = _client()
+    experiments = _read(uri, client.search_experiments, filter_string=f"name LIKE '{experiment_prefix}%'")
+    if not experiments:
+        return []
+    runs = _read(uri, client.search_runs, [e.experiment_id for e in experiments],
+                 filter_string="metrics.train_seconds >= 0", order_by=["attributes.start_time DESC"],
+                 max_results=limit)
+    found = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if "mlflow.parentRunId" in tags or not {"dataset", "binarization"} <= set(tags):
+            continue
+        try:
+            latent_dim = int(params["model.latent_dim"])
+        except (KeyError, ValueError):
+            continue
+        found.append(TrainedRun(run.info.run_id, tags.get("mlflow.runName", run.info.run_id), tags["dataset"],
+                                tags["binarization"], tags.get("profile", "?"), latent_dim,
+                                int(run.info.start_time or 0)))
+    return found
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """The (step, value) points of metric ``key`` of run ``run_id``, by step (empty if never logged).
+
+    Raises:
+        TrackingError: the tracking store cannot be read.
+    """
+    client, uri = _client()
+    points = _read(uri, client.get_metric_history, run_id, key)
+    return sorted((int(point.step), float(point.value)) for point in points)
+
+
+def download_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
+    """Copy the artifact ``artifact_path`` of run ``run_id`` into the folder ``destination``.
+
+    Raises:
+        TrackingError: the store or the artifact cannot be read (e.g. the artifact is missing).
+    """
+    client, uri = _client()
+    return Path(_read(uri, client.download_artifacts, run_id, artifact_path, str(destination)))
 
 
 def _warn_off(stage: str) -> None:

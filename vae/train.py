@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from vae import objectives, tracking
 from vae.config import Params, TrainConfig
 from vae.data.splits import Split, load_splits
-from vae.devices import describe, resolve_device
+from vae.devices import describe, resolve_device, software
 from vae.errors import TrainingError
 from vae.io import atomic_open, write_csv, write_json
 from vae.model import VAE, save_checkpoint
@@ -271,7 +271,7 @@ class TrainResult:
     """What training produced: per-pass and per-step histories (ELBOs in nats per example)."""
 
     model: VAE
-    epochs: pd.DataFrame  # columns: epoch, examples_seen, train_elbo, valid_elbo, learning_rate, seconds
+    epochs: pd.DataFrame  # columns: epoch, examples_seen, train_elbo, valid_elbo, [test_elbo,] learning_rate, seconds
     steps: pd.DataFrame  # columns: step, examples_seen, train_elbo (mean minibatch bound over log_interval steps)
     progress: Progress
     device: str
@@ -295,17 +295,20 @@ def _state_dict_copy(model: VAE) -> dict[str, torch.Tensor]:
 def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, device: torch.device,
                 on_evaluation: Callable[[dict, list[tuple[int, float]]], None] | None = None,
                 progress: bool = True, state: ResumableState | None = None, resume: dict | None = None,
-                extra_state: dict | None = None) -> TrainResult:
+                extra_state: dict | None = None, test: Split | None = None) -> TrainResult:
     """Train ``model`` in place, from scratch or from ``resume``.
 
     Args:
         train: training split (dynamically binarized grey images are resampled per minibatch).
-        valid: validation split.
+        valid: validation split (early stopping and the best pass look at it alone).
         on_evaluation: called after each evaluated pass with that pass's row and the
             (examples_seen, bound) points of the per-step curve since the previous call.
         state: where resumable checkpoints go (None: no checkpoints).
         resume: a checkpoint read by ``state.load()`` to continue from (None: start afresh).
         extra_state: plain values stored in each checkpoint (e.g. the MLflow run id).
+        test: test split; when given, each evaluated pass also records its single-sample ELBO
+            (``test_elbo``, nats per example), the test curve of AEVB Fig. 2. It is only
+            recorded: nothing in training (step size, early stopping) looks at it.
 
     Returns:
         :class:`TrainResult` with the histories.
@@ -316,6 +319,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
     model.to(device).train()
     data = TrainingData(train, device)
     valid_x = valid.values(device=device)
+    test_x = test.values(device=device) if test is not None else None
     fixed = torch.Generator(device=device).manual_seed(config.seed + 1)
     train_x = data.fixed(min(config.elbo_eval_size, len(data)), fixed)
     total = config.training_samples if config.training_samples is not None else config.epochs * len(data)
@@ -382,6 +386,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             row = {"epoch": record.passes_done, "examples_seen": record.examples_seen,
                    "train_elbo": dataset_elbo(model, train_x, config.seed + 2),
                    "valid_elbo": dataset_elbo(model, valid_x, config.seed + 3),
+                   **({"test_elbo": dataset_elbo(model, test_x, config.seed + 4)} if test_x is not None else {}),
                    "learning_rate": rate, "seconds": record.seconds}
             model.train()
             if not (math.isfinite(row["train_elbo"]) and math.isfinite(row["valid_elbo"])):
@@ -488,15 +493,17 @@ def run(params: Params, progress: bool = True) -> dict:
                                 "data.test_examples": len(splits["test"])})
 
         def log_evaluation(row: dict, points: list[tuple[int, float]]) -> None:
+            # The per-pass test ELBO is "test_elbo_curve": "test_elbo" is evaluate's final number.
             tracker.log_history({"train_elbo_step": points,
                                  "train_elbo": [(row["examples_seen"], row["train_elbo"])],
                                  "valid_elbo": [(row["examples_seen"], row["valid_elbo"])],
+                                 "test_elbo_curve": [(row["examples_seen"], row["test_elbo"])],
                                  "learning_rate": [(row["examples_seen"], row["learning_rate"])],
                                  "elapsed_seconds": [(row["examples_seen"], row["seconds"])]})
 
         result = train_model(model, splits["train"], splits["valid"], config, device,
                              on_evaluation=log_evaluation, progress=progress, state=state, resume=saved,
-                             extra_state={"mlflow_run_id": tracker.run_id})
+                             extra_state={"mlflow_run_id": tracker.run_id}, test=splits["test"])
         record, last = result.progress, result.epochs.iloc[-1]
         if config.early_stopping_patience is not None:  # the model holds the best validated pass
             last = result.epochs[result.epochs["epoch"] == record.best_pass].iloc[-1]
@@ -512,7 +519,7 @@ def run(params: Params, progress: bool = True) -> dict:
                    "train_elbo": float(last["train_elbo"]), "valid_elbo": float(last["valid_elbo"]),
                    "best_valid_elbo": record.best_valid_elbo, "best_pass": record.best_pass,
                    "stopped_early": record.stopped_early, "resumed_from_passes": record.resumed_from,
-                   "train_seconds": round(record.seconds, 2), "device": result.device,
+                   "train_seconds": round(record.seconds, 2), "device": result.device, "software": software(),
                    "mlflow_run_id": tracker.run_id}
         save_checkpoint(result.model, paths.checkpoint,
                         metadata={k: v for k, v in summary.items() if k != "mlflow_run_id"})

@@ -1,13 +1,25 @@
 """The ``visualize`` stage: the figures of the report, as PNG files in ``reports/figures``.
 
-- ``samples.png``: decoder means of z ~ p(z) (AEVB Fig. 5 style).
+Figures of this run and of the other runs in the MLflow tracking store:
+
+- ``lower_bound_runs.png`` (AEVB Fig. 2): train and test ELBO against training examples
+  evaluated (log axis), one panel per dataset and binarization, one line per run: the latest run
+  whose training finished for each (dataset, binarization, latent_dim), this run among them.
+- ``prior_samples_by_latent_dim.png`` (AEVB Fig. 5): decoder means of z ~ p(z), one grid per
+  latent_dim, side by side, for this run's dataset and binarization (models loaded from the
+  runs' ``checkpoint`` artifacts; this run's from ``models/model.pt``).
+- ``figure_runs.json``: which runs those two figures show (run id, name, latent_dim, ...).
+
+Figures of this run alone:
+
+- ``samples.png``: decoder means of z ~ p(z), a larger grid of this model alone.
 - ``reconstructions.png``: test images (odd rows) above the decoder means at z = E_q[z|x] (even rows).
 - ``latent_space.png``: E_q[z|x] of test images coloured by digit; the coordinates themselves when
   latent_dim = 2, else a scikit-learn PCA or t-SNE projection.
 - ``manifold.png`` (latent_dim = 2 only): AEVB Fig. 4, a regular grid on the unit square mapped
   through the inverse Gaussian CDF to z, with the decoder mean drawn at each point.
-- ``elbo_curves.png``: train and validation ELBO against training examples seen (log axis, as
-  AEVB Fig. 2), with the per-minibatch estimates behind them.
+- ``elbo_curves.png``: train, validation and test ELBO of this run against training examples seen
+  (log axis), with the per-minibatch estimates behind them.
 - ``bound_curve.png``: L_k against k, test and train (IWAE's bound tightness).
 - ``log_likelihood_histogram.png``: per-example L_k, test and train.
 """
@@ -15,33 +27,42 @@
 from __future__ import annotations
 
 import math
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from torchvision.transforms.functional import to_pil_image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 from vae import tracking  # noqa: E402
 from vae.config import Params, VisualizeConfig  # noqa: E402
 from vae.data.splits import load_split  # noqa: E402
-from vae.io import atomic_path, read_json  # noqa: E402
+from vae.errors import CheckpointError, TrackingError  # noqa: E402
+from vae.io import atomic_path, read_json, write_json  # noqa: E402
 from vae.model import VAE, load_model  # noqa: E402
 
-DPI = 200
+DPI = 300  # print quality
 GRID_SCALE = 4  # image grids are upscaled (nearest neighbour) so each pixel stays sharp in print
 IMAGE_SHAPE = {"mnist": (28, 28), "frey": (28, 20)}
 
 
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
-    """Save (N, D) images in [0, 1] as one PNG grid (torchvision), upscaled, atomically."""
+    """Save (N, D) images in [0, 1] as one PNG grid (torchvision ``make_grid``), each pixel upscaled
+    to GRID_SCALE x GRID_SCALE, stamped with DPI (a 10-image row of MNIST prints 4 inches wide), atomically."""
     grid = make_grid(images.reshape(-1, 1, *shape).cpu(), nrow=nrow, padding=2, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0]
     with atomic_path(path) as tmp:
-        save_image(grid, tmp, format="png")
+        # torchvision's save_image minus the DPI it cannot pass on (the report sizes images by it).
+        to_pil_image(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)).save(tmp, format="png", dpi=(DPI, DPI))
 
 
 def _save_figure(figure: plt.Figure, path: Path) -> None:
@@ -72,21 +93,26 @@ def latent_space(model: VAE, x: torch.Tensor, labels: torch.Tensor, config: Visu
     2-D coordinates were obtained."""
     count = min(config.latent_points, len(x))
     mu = model.encode(x[:count])[0].numpy()
+    axis_names = ("z_1", "z_2")
     if mu.shape[1] == 2:
         coords, how = mu, "z itself (latent_dim = 2)"
     elif mu.shape[1] == 1:
         coords, how = torch.cat([torch.from_numpy(mu), torch.zeros(count, 1)], 1).numpy(), "z (latent_dim = 1)"
+        axis_names = ("z_1", "(none)")
     elif config.projection == "pca":
         from sklearn.decomposition import PCA
 
         pca = PCA(n_components=2, random_state=config.seed).fit(mu)
         coords = pca.transform(mu)
         how = f"PCA of E_q[z|x] ({pca.explained_variance_ratio_.sum():.0%} of variance)"
+        axis_names = tuple(f"principal component {i + 1} ({share:.0%})"
+                           for i, share in enumerate(pca.explained_variance_ratio_))
     else:
         from sklearn.manifold import TSNE
 
         coords = TSNE(n_components=2, random_state=config.seed, init="pca").fit_transform(mu)
         how = "t-SNE of E_q[z|x]"
+        axis_names = ("t-SNE 1", "t-SNE 2")
     figure, axes = plt.subplots(figsize=(6, 5.2))
     labels = labels[:count]
     if bool((labels >= 0).all()):
@@ -96,8 +122,8 @@ def latent_space(model: VAE, x: torch.Tensor, labels: torch.Tensor, config: Visu
     else:  # no labels (Frey Face, static MNIST's files)
         axes.scatter(coords[:, 0], coords[:, 1], color="C0", s=4, alpha=0.7, rasterized=True)
     axes.set_title(f"Latent space of {count} test images: {how}", fontsize=9)
-    axes.set_xlabel("dimension 1")
-    axes.set_ylabel("dimension 2")
+    axes.set_xlabel(axis_names[0])
+    axes.set_ylabel(axis_names[1])
     _save_figure(figure, path)
     return how
 
@@ -114,42 +140,269 @@ def manifold(model: VAE, config: VisualizeConfig, shape: tuple[int, int], path: 
 
 
 def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path, log_interval: int = 1) -> None:
-    """Train and validation ELBO per evaluated pass, and the minibatch bound (each row of ``steps``
-    already a mean over ``log_interval`` minibatches; no further smoothing, which would lag on a log axis)."""
+    """This run's ELBO per evaluated pass (train, validation and, when recorded, test) and the
+    minibatch bound (each row of ``steps`` already a mean over ``log_interval`` minibatches; no
+    further smoothing, which would lag on a log axis). ELBOs in nats per example.
+
+    Args:
+        epochs: ``elbo_curve.csv``: examples_seen, train_elbo, valid_elbo[, test_elbo].
+        steps: ``train_steps.csv``: examples_seen, train_elbo.
+    """
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
     if len(steps):
         axes.plot(steps["examples_seen"], steps["train_elbo"], color="0.7", lw=0.8,
                   label=f"train, minibatch (mean of {log_interval})")
-    axes.plot(epochs["examples_seen"], epochs["train_elbo"], "o-", color="C0", ms=3, label="train")
-    axes.plot(epochs["examples_seen"], epochs["valid_elbo"], "s--", color="C1", ms=3, label="validation")
+    lines = [("train_elbo", "o-", "C0", "train"), ("valid_elbo", "s--", "C1", "validation"),
+             ("test_elbo", "^:", "C2", "test")]
+    shown = [column for column, *_ in lines if column in epochs and epochs[column].notna().any()]
+    for column, style, colour, label in lines:
+        if column in shown:
+            axes.plot(epochs["examples_seen"], epochs[column], style, color=colour, ms=3, label=label)
     axes.set_xscale("log")
     # Start at the decade of the first epoch: earlier minibatch points are far below the y-range.
     first = float(epochs["examples_seen"].iloc[0])
     axes.set_xlim(left=10 ** math.floor(math.log10(first)), right=float(epochs["examples_seen"].iloc[-1]) * 1.5)
     axes.set_xlabel("training examples evaluated")
     axes.set_ylabel("ELBO (nats per example)")
-    low = min(epochs["train_elbo"].min(), epochs["valid_elbo"].min())
-    high = max(epochs["train_elbo"].max(), epochs["valid_elbo"].max())
+    low = min(float(epochs[column].min()) for column in shown)
+    high = max(float(epochs[column].max()) for column in shown)
     margin = max(5.0, 0.1 * (high - low))
     axes.set_ylim(low - margin, high + margin)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower right")
-    axes.set_title("Lower bound during training (cf. AEVB Fig. 2)", fontsize=10)
+    axes.set_title("This run: lower bound per evaluated pass and per minibatch", fontsize=10)
     _save_figure(figure, path)
 
 
+# ------------------------------------------------------------------------------------------
+# Figures over runs: AEVB Fig. 2 (one line per run) and Fig. 5 (one grid per latent_dim)
+# ------------------------------------------------------------------------------------------
+
+DATASET_NAMES = {"mnist": "MNIST", "frey": "Frey Face"}
+FIGURE2_FROM = 1e5  # AEVB Fig. 2's x-axis starts at 10^5 training examples
+
+
+@dataclass
+class RunCurves:
+    """One run's ELBO per evaluated pass (nats per example), for :func:`lower_bound_runs`.
+
+    ``curves`` has columns examples_seen (int), train_elbo and ``held_out`` (float): test_elbo,
+    or valid_elbo for runs trained before the per-pass test ELBO was recorded.
+    """
+
+    run_id: str | None
+    name: str
+    dataset: str
+    binarization: str
+    profile: str
+    latent_dim: int
+    current: bool = False
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    @property
+    def held_out(self) -> str:
+        """``test_elbo``, ``valid_elbo`` or ``none``: the held-out curve it has."""
+        for column in ("test_elbo", "valid_elbo"):
+            if column in self.curves and self.curves[column].notna().any():
+                return column
+        return "none"
+
+    def describe(self) -> dict:
+        """Plain values for ``figure_runs.json`` and the report."""
+        return {key: value for key, value in asdict(self).items() if key != "curves"} | {
+            "held_out": {"test_elbo": "test", "valid_elbo": "validation"}.get(self.held_out, "none"),
+            "points": len(self.curves)}
+
+
+def _text(value: object) -> str:
+    """A value as literal text in a matplotlib label (``$`` would start mathtext)."""
+    return str(value).replace("$", r"\$")
+
+
+def _panel_title(dataset: str, binarization: str) -> str:
+    name = DATASET_NAMES.get(dataset, dataset)
+    return name if binarization == "none" else f"{name}, {binarization} binarization"
+
+
+def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
+    """AEVB Fig. 2: train (solid) and test (dashed) ELBO against training examples evaluated, log
+    x-axis from 10^5 (earlier when a run's first evaluated pass comes before), one panel per
+    (dataset, binarization), one colour per run with its latent_dim N_z in the legend.
+
+    Runs whose held-out curve is the validation ELBO (trained before the test ELBO was recorded
+    per pass) are drawn dotted and labelled "validation", never "test".
+
+    Raises:
+        ValueError: ``runs`` is empty or a run has no evaluated pass.
+    """
+    if not runs:
+        raise ValueError("lower_bound_runs: no runs to draw")
+    for run in runs:
+        if run.curves.empty:
+            raise ValueError(f"lower_bound_runs: run {run.name} ({run.run_id}) has no evaluated pass")
+    panels: dict[tuple[str, str], list[RunCurves]] = {}
+    for run in sorted(runs, key=lambda r: (not r.current, r.dataset, r.binarization)):
+        panels.setdefault((run.dataset, run.binarization), []).append(run)
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(5.6 * columns, 4.4 * rows), squeeze=False,
+                                layout="constrained")
+    styles = {"test_elbo": ("--", "test"), "valid_elbo": (":", "validation")}
+    for axes, ((dataset, binarization), members) in zip(grid.flat, panels.items()):
+        members = sorted(members, key=lambda r: r.latent_dim)
+        profiles = {r.profile for r in members}
+        first = min(float(r.curves["examples_seen"].min()) for r in members)
+        last = max(float(r.curves["examples_seen"].max()) for r in members)
+        values = []
+        for index, run in enumerate(members):
+            colour = plt.get_cmap("tab10")(index % 10)
+            frame = run.curves.sort_values("examples_seen")
+            label = f"N_z = {run.latent_dim}" + (f" ({_text(run.profile)})" if len(profiles) > 1 else "") \
+                + (" (this run)" if run.current and len(members) > 1 else "")
+            axes.plot(frame["examples_seen"], frame["train_elbo"], "-", color=colour, lw=1.4, label=label)
+            values.append(frame["train_elbo"])
+            if run.held_out in styles:
+                axes.plot(frame["examples_seen"], frame[run.held_out], styles[run.held_out][0], color=colour, lw=1.4)
+                values.append(frame[run.held_out])
+        axes.set_xscale("log")
+        left = min(FIGURE2_FROM, first / 1.5)
+        axes.set_xlim(left, max(last * 1.5, 10 * left))  # at least one decade
+        joined = pd.concat(values).dropna()
+        low, high = float(joined.min()), float(joined.max())
+        margin = max(2.0, 0.08 * (high - low))
+        axes.set_ylim(low - margin, high + margin)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.set_xlabel("training examples evaluated")
+        axes.set_ylabel("ELBO (nats per example)")
+        axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+        handles, labels = axes.get_legend_handles_labels()
+        kinds = [("-", "train")] + [styles[k] for k in styles if any(r.held_out == k for r in members)]
+        for style, kind in kinds:
+            handles.append(Line2D([], [], color="0.2", ls=style, lw=1.4))
+            labels.append(kind)
+        axes.legend(handles, labels, loc="lower right", fontsize=8, ncol=2 if len(labels) > 6 else 1)
+    for axes in list(grid.flat)[len(panels):]:
+        axes.set_visible(False)
+    figure.suptitle("Lower bound against training examples evaluated (cf. AEVB Figure 2)", fontsize=11)
+    _save_figure(figure, path)
+
+
+@torch.no_grad()
+def prior_samples_by_latent_dim(models: list[tuple[int, VAE]], config: VisualizeConfig, shape: tuple[int, int],
+                                path: Path) -> None:
+    """AEVB Fig. 5: a ``samples_grid`` x ``samples_grid`` grid (torchvision ``make_grid``) of decoder
+    means for z ~ N(0, I) per model, one panel per latent_dim, side by side (smallest first).
+
+    Args:
+        models: (latent_dim, model) pairs; each model maps z (n, latent_dim) to means (n, H*W).
+        shape: (H, W) of an image.
+
+    Raises:
+        ValueError: ``models`` is empty or a model's images are not H*W pixels.
+    """
+    if not models:
+        raise ValueError("prior_samples_by_latent_dim: no models")
+    models = sorted(models, key=lambda pair: pair[0])
+    count = config.samples_grid**2
+    columns = min(len(models), 5)
+    rows = -(-len(models) // columns)
+    height, width = shape
+    panel_width = 3.0 * min(1.0, width / height)
+    figure, grid = plt.subplots(rows, columns, figsize=(panel_width * columns + 0.2, 3.35 * rows), squeeze=False,
+                                layout="constrained")
+    for axes, (latent_dim, model) in zip(grid.flat, models):
+        images = model.sample(count, torch.Generator().manual_seed(config.seed)).cpu()
+        if images.shape[1] != height * width:
+            raise ValueError(f"prior_samples_by_latent_dim: the latent_dim {latent_dim} model draws "
+                             f"{images.shape[1]} pixels, not {height}x{width}")
+        tiles = make_grid(images.reshape(-1, 1, height, width), nrow=config.samples_grid, padding=2, pad_value=1.0)
+        axes.imshow(tiles[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes.set_title(f"N_z = {latent_dim}" if len(models) > 1
+                       else f"Random samples from the prior\nN_z = {latent_dim} (cf. AEVB Figure 5)", fontsize=9)
+        axes.set_axis_off()
+    for axes in list(grid.flat)[len(models):]:
+        axes.set_visible(False)
+    if len(models) > 1:
+        figure.suptitle("Random samples from the prior p(z), decoder means (cf. AEVB Figure 5)", fontsize=10)
+    _save_figure(figure, path)
+
+
+def current_run(summary: dict, epochs: pd.DataFrame) -> RunCurves:
+    """This execution's run, from ``train_summary.json`` and ``elbo_curve.csv`` (works with tracking off)."""
+    keep = [c for c in ("examples_seen", "train_elbo", "test_elbo", "valid_elbo") if c in epochs]
+    return RunCurves(summary.get("mlflow_run_id"), "this run", summary["dataset"], summary["binarization"],
+                     str(summary.get("profile", "?")), int(summary["latent_dim"]), current=True,
+                     curves=epochs[keep].copy())
+
+
+def tracked_runs(current: RunCurves) -> list[RunCurves]:
+    """The latest run whose training finished for each (dataset, binarization, latent_dim) in the
+    MLflow tracking store, ``current`` in place of its own key; curves read from the metric
+    histories ``train_elbo`` and ``test_elbo_curve`` (``valid_elbo`` for older runs).
+
+    The tracking store is outside DVC: ``dvc repro`` does not re-run ``visualize`` when another
+    pipeline adds a run; ``dvc repro -s -f visualize && dvc repro`` redraws (and re-reports).
+
+    Raises:
+        TrackingError: the store cannot be read.
+    """
+    chosen: dict[tuple[str, str, int], RunCurves] = {
+        (current.dataset, current.binarization, current.latent_dim): current}
+    for found in tracking.trained_runs():
+        key = (found.dataset, found.binarization, found.latent_dim)
+        if key in chosen or found.run_id == current.run_id:
+            continue
+        train = tracking.metric_history(found.run_id, "train_elbo")
+        if not train:
+            continue
+        frame = pd.DataFrame(train, columns=["examples_seen", "train_elbo"])
+        for metric, column in (("test_elbo_curve", "test_elbo"), ("valid_elbo", "valid_elbo")):
+            points = tracking.metric_history(found.run_id, metric)
+            if points:
+                frame = frame.merge(pd.DataFrame(points, columns=["examples_seen", column]), on="examples_seen",
+                                    how="left")
+                break
+        chosen[key] = RunCurves(found.run_id, found.name, found.dataset, found.binarization, found.profile,
+                                found.latent_dim, curves=frame)
+    return list(chosen.values())
+
+
+def prior_models(runs: list[RunCurves], current_model: VAE, workdir: Path) -> list[tuple[RunCurves, VAE]]:
+    """The model of each run of ``runs`` with the current run's dataset and binarization: the current
+    run's ``current_model``, the others' ``checkpoint/model.pt`` artifacts downloaded to ``workdir``.
+    A run whose checkpoint cannot be fetched or read is left out with a warning on stderr."""
+    current = next(run for run in runs if run.current)
+    models = []
+    for run in runs:
+        if (run.dataset, run.binarization) != (current.dataset, current.binarization):
+            continue
+        if run.current:
+            models.append((run, current_model))
+            continue
+        try:
+            path = tracking.download_artifact(run.run_id, "checkpoint/model.pt", workdir / run.run_id)
+            models.append((run, load_model(path)))
+        except (TrackingError, CheckpointError) as error:
+            print(f"WARNING: run {run.name} ({run.run_id}) left out of the prior samples: {error}",
+                  file=sys.stderr)
+    return models
+
+
 def log_likelihood_histogram(per_example: pd.DataFrame, k: int, path: Path) -> None:
-    """Histogram of per-example L_k, test and train, with their means marked."""
+    """Histogram of per-example L_k, test and train, with their means marked. Both splits share the
+    bins: 2 sqrt(n) of them for n images (10 to 80), so 200 Frey faces are not spread over 80 bins."""
     figure, axes = plt.subplots(figsize=(6.5, 4.0))
+    count = len(per_example)
+    edges = np.histogram_bin_edges(per_example["log_likelihood"], bins=int(np.clip(2 * math.sqrt(count), 10, 80)))
     for split, colour in (("test", "C0"), ("train", "C1")):
         values = per_example.loc[per_example["split"] == split, "log_likelihood"]
         if len(values):
-            axes.hist(values, bins=80, density=True, alpha=0.5, color=colour,
+            axes.hist(values, bins=edges, density=True, alpha=0.5, color=colour,
                       label=f"{split} ({len(values)} images, mean {values.mean():.2f})")
             axes.axvline(values.mean(), color=colour, lw=1)
     axes.set_xlabel(f"L_{k} per example (nats)")
     axes.set_ylabel("density")
-    axes.legend(loc="upper left")
+    axes.legend(loc="best")
     axes.set_title("Importance-sampled log-likelihood per image", fontsize=10)
     _save_figure(figure, path)
 
@@ -165,16 +418,21 @@ def bound_curve(curve: pd.DataFrame, test_elbo: float, path: Path) -> None:
     axes.set_xlabel("importance samples k")
     axes.set_ylabel("L_k (nats per example)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right")
+    # Below the axes: inside, it covers an error bar or the ELBO line whatever the corner.
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     axes.set_title("Bound tightness: L_k rises towards log p(x) as k grows", fontsize=10)
     _save_figure(figure, path)
 
 
 def run(params: Params, progress: bool = True) -> dict[str, str]:
-    """Stage entry point: draw every figure that applies to the trained model; log them to MLflow.
+    """Stage entry point: draw every figure that applies to the trained model and, for Figures 2
+    and 5, to the other runs of the MLflow tracking store; log the figures to this run.
 
     Returns:
         ``{figure name: file path}``.
+
+    Raises:
+        TrackingError: the tracking store cannot be read.
     """
     paths, config, dataset = params.paths, params.visualize, params.data.dataset
     shape = IMAGE_SHAPE[dataset]
@@ -183,13 +441,31 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     x = test.values()
     out = paths.figures
     out.mkdir(parents=True, exist_ok=True)
+    summary = read_json(paths.train_summary)
+    epochs = pd.read_csv(paths.elbo_curve)
     figures = {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png",
-               "latent_space": out / "latent_space.png", "elbo_curves": out / "elbo_curves.png"}
+               "latent_space": out / "latent_space.png", "elbo_curves": out / "elbo_curves.png",
+               "lower_bound_runs": out / "lower_bound_runs.png",
+               "prior_samples_by_latent_dim": out / "prior_samples_by_latent_dim.png"}
     prior_samples(model, config, shape, figures["samples"])
     reconstructions(model, x, config, shape, figures["reconstructions"])
     latent_space(model, x, test.labels, config, figures["latent_space"])
-    elbo_curves(pd.read_csv(paths.elbo_curve), pd.read_csv(paths.train_steps), figures["elbo_curves"],
-                params.train.log_interval)
+    elbo_curves(epochs, pd.read_csv(paths.train_steps), figures["elbo_curves"], params.train.log_interval)
+
+    # Figures 2 and 5 read other runs from the MLflow tracking store, which DVC does not track
+    # (see tracked_runs): with tracking off they show this run alone.
+    current = current_run(summary, epochs)
+    runs = tracked_runs(current)
+    lower_bound_runs(runs, figures["lower_bound_runs"])
+    with tempfile.TemporaryDirectory(prefix="vae-checkpoints-") as workdir:
+        with_models = prior_models(runs, model, Path(workdir))
+        prior_samples_by_latent_dim([(run.latent_dim, m) for run, m in with_models], config, shape,
+                                    figures["prior_samples_by_latent_dim"])
+    write_json(out / "figure_runs.json",
+               {"lower_bound_runs": [run.describe() for run in sorted(runs, key=_run_order)],
+                "prior_samples_by_latent_dim": [run.describe() for run, _ in sorted(with_models,
+                                                                                    key=lambda p: _run_order(p[0]))]})
+
     metrics = read_json(paths.metrics)
     figures["bound_curve"] = out / "bound_curve.png"
     bound_curve(pd.read_csv(paths.bound_curve), metrics["test_elbo"], figures["bound_curve"])
@@ -205,5 +481,11 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     with tracking.resume_run(metrics.get("mlflow_run_id"), "visualize") as tracker:
         for path in figures.values():
             tracker.log_artifact(path, "figures")
-    print(f"figures: {', '.join(str(p) for p in figures.values())}", flush=True)
+        tracker.log_artifact(out / "figure_runs.json", "figures")
+    print(f"figures: {', '.join(str(p) for p in figures.values())}; Figure 2 shows {len(runs)} run(s), "
+          f"Figure 5 {len(with_models)} latent size(s)", flush=True)
     return {name: str(path) for name, path in figures.items()}
+
+
+def _run_order(run: RunCurves) -> tuple:
+    return (run.dataset, run.binarization, run.latent_dim)
