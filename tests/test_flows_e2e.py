@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from test_pipeline import SMALL, Pipeline, _copy_repo, _free_port, _git, _set_params
+from test_pipeline import SMALL, Pipeline, _free_port
 
 pytestmark = pytest.mark.e2e
 POOL = "vae-process"
@@ -83,13 +83,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("prefect-repo")
-    _copy_repo(root)
-    _set_params(root / "params.yaml", TINY)
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "test copy")
-    pipe = Pipeline(root, tmp_path_factory.mktemp("store") / "mlflow.db")
+    pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY)
+    root = pipe.root
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

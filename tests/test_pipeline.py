@@ -83,16 +83,23 @@ class Pipeline:
     def json(self, relative: str) -> dict:
         return json.loads((self.root / relative).read_text())
 
+    @classmethod
+    def copy_of_repository(cls, factory: pytest.TempPathFactory, params: dict | None = None) -> Pipeline:
+        """A committed git copy of this repository (``params`` merged into its params.yaml) with
+        its own MLflow store."""
+        root = factory.mktemp("repo")
+        _copy_repo(root)
+        if params:
+            _set_params(root / "params.yaml", params)
+        _git(root, "init", "-q")
+        _git(root, "add", "-A")
+        _git(root, "commit", "-qm", "test copy")
+        return cls(root, factory.mktemp("store") / "mlflow.db")
+
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    root = tmp_path_factory.mktemp("repo")
-    _copy_repo(root)
-    _set_params(root / "params.yaml", SMALL)
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "test copy")
-    pipe = Pipeline(root, tmp_path_factory.mktemp("store") / "mlflow.db")
+    pipe = Pipeline.copy_of_repository(tmp_path_factory, SMALL)
     pipe.first_output = pipe.dvc("repro")
     return pipe
 

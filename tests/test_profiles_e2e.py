@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import dataset_mirror
-from test_pipeline import Pipeline, _copy_repo, _git
+from test_pipeline import Pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -26,12 +26,8 @@ SHORT = ["train.training_samples=30000", "train.step_size_selection_samples=3000
 def frey(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     if not dataset_mirror():
         pytest.skip("no dataset mirror (set VAE_DATA_MIRROR or place ../shared/datasets beside the repo)")
-    root = tmp_path_factory.mktemp("repo")
-    _copy_repo(root)
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "test copy")
-    pipe = Pipeline(root, tmp_path_factory.mktemp("store") / "mlflow.db")
+    pipe = Pipeline.copy_of_repository(tmp_path_factory)
+    root = pipe.root
     switched = subprocess.run([sys.executable, "-m", "vae", "profile", "aevb-frey"], cwd=root, env=pipe.env,
                               capture_output=True, text=True, timeout=120)
     assert switched.returncode == 0, switched.stderr
