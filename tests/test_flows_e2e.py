@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from test_pipeline import SMALL, Pipeline, _free_port
+from test_pipeline import SMALL, Pipeline, _free_port, wait_healthy
 
 pytestmark = pytest.mark.e2e
 POOL = "vae-process"
@@ -104,19 +104,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
     stack = Stack(pipe, api, home)
     try:
-        started = time.monotonic()
         server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui")
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() - started > 180:
-                raise AssertionError(f"Prefect server did not become healthy:\n{stack.log('server')}")
-            time.sleep(0.5)
-        stack.server_seconds = time.monotonic() - started
+        stack.server_seconds = wait_healthy(server, f"{api}/health", home / "server.log")
         print(f"Prefect server healthy after {stack.server_seconds:.1f} s", file=sys.stderr)
         stack.prefect("work-pool", "create", POOL, "--type", "process")
         stack.deploy_output = stack.prefect("--no-prompt", "deploy", "--all")

@@ -232,6 +232,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> float:
+    """Poll ``url`` until it answers 200; returns the seconds waited.
+
+    Raises:
+        AssertionError: the server exited or did not answer in ``timeout`` s (with its log's tail).
+    """
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() - started > timeout:
+            raise AssertionError(f"{url} did not become healthy:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+
+
 def _get(base: str, endpoint: str, **query: str) -> dict:
     url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}" if query else f"{base}{endpoint}"
     with urllib.request.urlopen(url, timeout=30) as response:
@@ -257,18 +276,7 @@ def mlflow_server(pipeline: Pipeline):
         cwd=pipeline.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("MLflow server did not become healthy:\n"
-                                     + (pipeline.store.parent / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_healthy(server, f"{base}/health", pipeline.store.parent / "server.log")
         yield base
     finally:
         server.terminate()
