@@ -686,3 +686,122 @@ def test_build_model_is_seeded_and_uses_init_std():
     default = build_model(Params(model=ModelConfig(hidden_dim=16, latent_dim=2)), SMALL_DIM)
     assert float(default.encoder[0].weight.detach().abs().max()) <= 1 / math.sqrt(SMALL_DIM)  # PyTorch's U(-1/sqrt(in), .)
     assert float(default.encoder[0].weight.detach().std()) > 0.05  # 1/8 / sqrt(3) = 0.072, not 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Wake-sleep (train.algorithm: wake-sleep) through the train stage: outputs, MLflow, resuming,
+# the NaN guard, step-size selection. Its objectives are tested in tests/test_wake_sleep.py.
+# --------------------------------------------------------------------------------------------
+
+WAKE_SLEEP = {"algorithm": "wake-sleep"}
+WAKE_SLEEP_STEP_COLUMNS = ["step", "examples_seen", "train_elbo", "wake_objective", "sleep_objective"]
+
+
+def test_wake_sleep_run_writes_the_usual_outputs_and_records_the_algorithm(processed, isolated, monkeypatch):
+    """``vae train`` with MLflow on: the checkpoint, both curves, the summary, and the algorithm in
+    the summary, the checkpoint's metadata, the MLflow params, tags and run name; the per-step
+    wake and sleep objectives go to MLflow under their own names beside the minibatch ELBO."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("VAE_TRACKING", "on")
+    root = isolated / "run"
+    params = write_params(root, processed, train={**WAKE_SLEEP, "epochs": 3, "log_interval": 8})
+    assert train_in_process(params) == 0
+    reports = root / "reports"
+    summary = json.loads((reports / "train_summary.json").read_text())
+    assert summary["algorithm"] == "wake-sleep" and summary["objective"] == "elbo" and summary["epochs"] == 3
+    assert read_checkpoint(root / "models" / "model.pt")["metadata"]["algorithm"] == "wake-sleep"
+    assert not (root / "models" / "train_state.pt").exists()
+    curve = pd.read_csv(reports / "elbo_curve.csv")
+    assert curve["epoch"].tolist() == [1, 2, 3]
+    for column in ("train_elbo", "valid_elbo", "test_elbo"):
+        assert curve[column].map(math.isfinite).all() and (curve[column] < 0).all(), column
+    steps = pd.read_csv(reports / "train_steps.csv")
+    assert list(steps.columns) == WAKE_SLEEP_STEP_COLUMNS
+    assert steps["step"].tolist() == list(range(8, 73, 8))  # 24 steps per pass, 3 windows of 8 each
+    assert steps[WAKE_SLEEP_STEP_COLUMNS[2:]].map(math.isfinite).all().all()
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train.algorithm"] == "wake-sleep"
+    assert run.data.tags["algorithm"] == "wake-sleep"
+    assert run.data.tags["mlflow.runName"].endswith("-wake-sleep")
+    for name, column in (("train_elbo_step", "train_elbo"), ("wake_objective_step", "wake_objective"),
+                         ("sleep_objective_step", "sleep_objective")):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        assert [step for step, _ in history] == steps["examples_seen"].tolist(), name
+        assert [value for _, value in history] == pytest.approx(steps[column].tolist(), rel=1e-6), name
+    assert len(client.get_metric_history(run.info.run_id, "test_elbo_curve")) == 3
+
+
+@pytest.fixture(scope="module")
+def wake_sleep_reference(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted wake-sleep run: its final weights and both curves."""
+    root = tmp_path_factory.mktemp("wake-sleep-uninterrupted")
+    params = write_params(root, processed, train=WAKE_SLEEP)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAE_TRACKING", "off")
+        assert train_in_process(params) == 0
+    return {"state": final_state(root), "curve": pd.read_csv(root / "reports" / "elbo_curve.csv"),
+            "steps": pd.read_csv(root / "reports" / "train_steps.csv")}
+
+
+def test_wake_sleep_resume_after_kill_9_gives_the_uninterrupted_result(wake_sleep_reference, processed, isolated,
+                                                                       capsys):
+    root = isolated / "run"
+    params = write_params(root, processed, train=WAKE_SLEEP)
+    status, _ = stop_mid_run(root, params, signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    done = assert_interrupted_state(root)["progress"]["passes_done"]
+
+    assert train_in_process(params) == 0
+    assert f"pass {done} of {RESUME_EPOCHS}" in capsys.readouterr().out
+    assert_same_state(final_state(root), wake_sleep_reference["state"])
+    summary = json.loads((root / "reports" / "train_summary.json").read_text())
+    assert summary["resumed_from_passes"] == [done] and summary["algorithm"] == "wake-sleep"
+    columns = ["epoch", "examples_seen", "train_elbo", "valid_elbo", "test_elbo", "learning_rate"]
+    pd.testing.assert_frame_equal(pd.read_csv(root / "reports" / "elbo_curve.csv")[columns],
+                                  wake_sleep_reference["curve"][columns])
+    pd.testing.assert_frame_equal(pd.read_csv(root / "reports" / "train_steps.csv"), wake_sleep_reference["steps"])
+
+
+def test_fingerprint_tells_wake_sleep_from_aevb(tmp_path):
+    data = tmp_path / "train.pt"
+    data.write_bytes(b"some data")
+    aevb = Params(train=TrainConfig(device="cpu"))
+    wake_sleep = replace(aevb, train=replace(aevb.train, algorithm="wake-sleep"))
+    assert fingerprint(wake_sleep, data, CPU) != fingerprint(aevb, data, CPU)
+
+
+def test_wake_sleep_nan_in_the_sleep_phase_names_its_step(small_splits, tmp_path, monkeypatch):
+    """A NaN sleep objective at the 5th minibatch (the data's ELBO still finite at that step):
+    training stops naming step 5, pass 3, and the checkpoint of pass 2 stays, finite."""
+    calls = []
+    original = objectives.wake_sleep
+
+    def poisoned(model, x, samples, generator):
+        calls.append(len(x))
+        terms = original(model, x, samples, generator)
+        return replace(terms, sleep=terms.sleep * math.nan) if len(calls) == 5 else terms
+
+    monkeypatch.setattr(objectives, "wake_sleep", poisoned)
+    state = ResumableState(tmp_path / "train_state.pt", "fingerprint")
+    with pytest.raises(TrainingError) as caught:
+        train_model(small_model(), *small_splits, small_config(**WAKE_SLEEP, epochs=5), CPU, progress=False,
+                    state=state)
+    assert str(caught.value).startswith("non-finite loss at step 5 (pass 3, learning rate 0.01); ")
+    assert f"the last good checkpoint {state.path} is kept" in str(caught.value)
+    saved = torch.load(state.path, weights_only=True)
+    assert saved["progress"]["passes_done"] == 2
+    assert all(torch.isfinite(value).all() for value in saved["model"].values())
+    assert calls == [50] * 6
+
+
+def test_wake_sleep_selects_its_step_size_by_training_elbo(small_splits):
+    config = small_config(**WAKE_SLEEP, optimizer="adagrad", step_size_candidates=[1e-4, 0.05],
+                          step_size_selection_samples=1000, epochs=1)
+    result = train_model(small_model(seed=4), *small_splits, config, CPU, progress=False)
+    trials = result.progress.step_size_trials
+    assert result.progress.learning_rate == 0.05 and trials["0.05"] > trials["0.0001"] + 1.0
+    assert result.epochs["learning_rate"].tolist() == [0.05]
+    assert list(result.steps.columns) == WAKE_SLEEP_STEP_COLUMNS

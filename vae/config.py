@@ -26,6 +26,7 @@ BINARIZATIONS = ("dynamic", "static", "none")
 # Which binarizations each dataset has: MNIST is binary (resampled, or the fixed Larochelle files);
 # Frey Face stays grey and gets a Gaussian decoder (a Bernoulli likelihood of grey values is not one).
 DATASET_BINARIZATIONS = {"mnist": ("dynamic", "static"), "frey": ("none",)}
+ALGORITHMS = ("aevb", "wake-sleep")
 OPTIMIZERS = ("adam", "adagrad")
 OBJECTIVES = ("elbo", "iwae")
 SCHEDULES = ("constant", "iwae")
@@ -211,10 +212,25 @@ def _iwae_samples(self) -> list[str]:
             "(or objective: elbo)"]
 
 
+def _wake_sleep_objective(self) -> list[str]:
+    if self.algorithm != "wake-sleep" or self.objective == "elbo":
+        return []
+    return [f"algorithm = {self.algorithm!r}: not with objective = {self.objective!r} (wake-sleep trains its own "
+            "wake and sleep objectives; the iwae bound is an AEVB objective); expected objective: elbo, "
+            "or algorithm: aevb"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (stage ``train``).
 
+    ``algorithm`` ``aevb`` (Kingma & Welling 2014, Alg. 1: encoder and decoder ascend one bound,
+    ``objective``) or ``wake-sleep`` (Hinton, Dayan, Frey & Neal 1995, the baseline of AEVB Sec. 5,
+    with the same encoder and decoder): the wake phase ascends log p(x, z), z ~ q(z|x) (``samples``
+    = L per example, no gradient to the encoder), over the decoder; the sleep phase ascends
+    log q(z|x) on as many fantasies (z, x) ~ p(z) p(x|z), over the encoder. Both with the same
+    optimizer settings; the curves report the same ELBO as AEVB's. Under wake-sleep ``objective``
+    stays ``elbo`` (the bound its curves report); ``iwae`` is rejected.
     Length: ``epochs`` passes over the training set, or ``training_samples`` training examples
     evaluated (AEVB Fig. 2's x-axis; the last pass may be partial); exactly one is set.
     ``schedule`` ``iwae`` divides the learning rate by 10^(i/7) during passes 3^0 + ... + 3^(i-1)
@@ -234,6 +250,7 @@ class TrainConfig:
     (null: off).
     """
 
+    algorithm: str = "aevb"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     epsilon: float | None = None
@@ -254,8 +271,8 @@ class TrainConfig:
     checkpoint_interval: int = 60
     early_stopping_patience: int | None = None
 
-    _checks = (_choice("optimizer", OPTIMIZERS), _choice("device", DEVICES),
-               _choice("schedule", SCHEDULES), _choice("objective", OBJECTIVES),
+    _checks = (_choice("algorithm", ALGORITHMS), _choice("optimizer", OPTIMIZERS), _choice("device", DEVICES),
+               _choice("schedule", SCHEDULES), _choice("objective", OBJECTIVES), _wake_sleep_objective,
                _positive("learning_rate", "epsilon", "step_size_selection_samples", "samples", "batch_size",
                          "epochs", "training_samples", "elbo_eval_size", "curve_points", "log_interval",
                          "early_stopping_patience"),

@@ -99,7 +99,7 @@ def run(params: Params, progress: bool = True) -> dict:
     curve_frame = pd.DataFrame(rows)
     metrics = {
         **{key: summary.get(key) for key in ("profile", "dataset", "binarization", "likelihood", "input_dim", "latent_dim",
-                                             "hidden_dim", "hidden_layers", "objective", "samples",
+                                             "hidden_dim", "hidden_layers", "algorithm", "objective", "samples",
                                              "optimizer", "learning_rate", "batch_size", "epochs",
                                              "examples_seen")},
         "importance_samples": k, "test_examples": len(test_x),

@@ -109,6 +109,22 @@ class VAE(nn.Module):
         """E[x|z] = sigmoid(logits(z)): z (..., latent_dim) -> (..., D) float in (0, 1)."""
         return torch.sigmoid(self.decode(z))
 
+    @torch.no_grad()
+    def decoder_sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x|z), one draw per z: z (..., latent_dim) float -> (..., D) in the parameters' dtype.
+
+        Bernoulli decoder: x_d ~ Bernoulli(sigmoid(logits_d(z))), values in {0, 1}. Gaussian decoder:
+        x = sigmoid(logits(z)) + exp(log_var(z) / 2) * eps, eps ~ N(0, I), real values (not clipped
+        to [0, 1]: the model's density has support everywhere). No gradient: wake-sleep's sleep
+        phase (:func:`vae.objectives.sleep_objective`) treats these fantasies as data.
+        """
+        logits, log_var = self.decoder_params(z)
+        mean = torch.sigmoid(logits)
+        if log_var is None:
+            return torch.bernoulli(mean, generator=generator)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * log_var) * eps
+
     def reparameterize(self, mu: torch.Tensor, log_var: torch.Tensor, samples: int | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mu + exp(log_var / 2) * eps; see :func:`vae.objectives.reparameterize`."""

@@ -4,13 +4,15 @@ Conventions: ``x`` is (batch, D) float; latent tensors are (..., batch, latent_d
 log-density is summed over its event dimensions and returned per example, in nats. A model is
 anything with ``encode(x) -> (mu, log_var)`` and ``decoder_log_prob(x, z) -> log p(x|z)``
 (see :class:`LatentVariableModel`), so the estimators serve the Bernoulli VAE, a Gaussian
-decoder and the linear-Gaussian model the tests check against in closed form.
+decoder and the linear-Gaussian model the tests check against in closed form. Wake-sleep's two
+objectives (:func:`wake_objective`, :func:`sleep_objective`) also need ``latent_dim`` and
+``decoder_sample(z)`` (:class:`WakeSleepModel`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -122,6 +124,110 @@ def iwae_bound(model: LatentVariableModel, x: torch.Tensor, importance_samples: 
     eps = torch.randn((importance_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     log_w, _ = log_importance_weights(model, x, mu, log_var, eps)
     return torch.logsumexp(log_w, dim=0) - math.log(importance_samples)
+
+
+class WakeSleepModel(LatentVariableModel, Protocol):
+    """What wake-sleep needs beyond :class:`LatentVariableModel`: the latent size, the parameters
+    (for the device and dtype of the fantasies) and a sampler of the decoder."""
+
+    latent_dim: int
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """The model's parameters (the first one gives the device and dtype of z ~ p(z))."""
+
+    def decoder_sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x|z) without gradient: z (..., latent_dim) -> (..., D)."""
+
+
+def wake_objective(model: LatentVariableModel, x: torch.Tensor, samples: int = 1,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wake phase of the wake-sleep algorithm (Hinton, Dayan, Frey & Neal 1995, Science 268:1158;
+    with a Gaussian recognition model for continuous latents as in Kingma & Welling 2014, Sec. 5).
+
+    wake(x) = (1/L) sum_l [log p_theta(x|z_l) + log p(z_l)] = (1/L) sum_l log p_theta(x, z_l),
+    z_l ~ q_phi(z|x) drawn **without gradient to the encoder** (z is treated as observed), so
+    the gradient reaches the decoder's parameters theta only. The prior N(0, I) has no
+    parameters: log p(z) is in the value (making it log p(x, z)) but not in the gradient.
+
+    Also returns the ELBO (SGVB estimator B, Kingma & Welling 2014 Eq. 7) at the same samples:
+    (1/L) sum_l log p(x|z_l) - KL(q(z|x) || p(z)), the formula of :func:`elbo` with the same noise
+    (``elbo(model, x, samples, g)`` from the same generator state gives the same values); detached,
+    for the per-step training curve.
+
+    Shapes: x (batch, D) -> (wake, elbo), each (batch,) float; nats per example.
+
+    Raises:
+        ValueError: ``samples < 1``.
+    """
+    if samples < 1:
+        raise ValueError(f"samples = {samples}: expected an integer >= 1")
+    with torch.no_grad():
+        mu, log_var = model.encode(x)
+        z = reparameterize(mu, log_var, samples, generator)
+    log_px_given_z = model.decoder_log_prob(x, z)
+    wake = (log_px_given_z + standard_normal_log_prob(z)).mean(0)
+    return wake, log_px_given_z.detach().mean(0) - gaussian_kl_divergence(mu, log_var)
+
+
+def sleep_objective(model: WakeSleepModel, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sleep phase of the wake-sleep algorithm (Hinton, Dayan, Frey & Neal 1995, Science 268:1158).
+
+    sleep = log q_phi(z|x) for "fantasies" (z, x) ~ p(z) p_theta(x|z): z ~ N(0, I), then
+    x ~ p(x|z) (binary draws for a Bernoulli decoder, N(mean, diag var) for a Gaussian one), both
+    drawn without gradient, so the gradient reaches the encoder's parameters phi only. Maximizing
+    it fits q to the model's true posterior in the direction KL(p(z|x) || q(z|x)) on the model's
+    own samples (the sleep phase's "wrong" KL, Hinton et al. 1995).
+
+    Shapes: ``count`` fantasies -> (count,) float, log N(z; mu(x), diag exp(log_var(x))) summed
+    over latent_dim; nats per fantasy. The model's first parameter gives z's device and dtype;
+    ``generator`` must live on that device.
+
+    Raises:
+        ValueError: ``count < 1``.
+    """
+    if count < 1:
+        raise ValueError(f"count = {count}: expected an integer >= 1")
+    first = next(iter(model.parameters()))
+    with torch.no_grad():
+        z = torch.randn(count, model.latent_dim, generator=generator, device=first.device, dtype=first.dtype)
+        x = model.decoder_sample(z, generator)
+    mu, log_var = model.encode(x)
+    return gaussian_log_prob(z, mu, log_var)
+
+
+@dataclass(frozen=True)
+class WakeSleepTerms:
+    """One minibatch of wake-sleep (:func:`wake_sleep`), nats.
+
+    ``wake`` (batch,): log p(x, z), z ~ q(z|x); its gradient reaches the decoder only.
+    ``sleep`` (batch,): log q(z|x) of as many fantasies (z, x) ~ p(z) p(x|z); gradient to the encoder only.
+    ``elbo`` (batch,): the ELBO (estimator B) at the wake phase's samples, detached.
+    """
+
+    wake: torch.Tensor
+    sleep: torch.Tensor
+    elbo: torch.Tensor
+
+
+def wake_sleep(model: WakeSleepModel, x: torch.Tensor, samples: int = 1,
+               generator: torch.Generator | None = None) -> WakeSleepTerms:
+    """Both phases of wake-sleep on one minibatch: :func:`wake_objective` on ``x`` with L =
+    ``samples``, then :func:`sleep_objective` on ``len(x)`` fantasies, drawn in that order from
+    ``generator`` (Hinton et al. 1995; the continuous-latent form AEVB Sec. 5 compared against).
+
+    The two objectives are separate (together they are not a bound on log p(x)); their gradients
+    reach disjoint parameter sets, decoder and encoder, so maximizing wake.mean() + sleep.mean()
+    with one optimizer step updates each with its own phase's gradient. Both phases are computed
+    at the same parameters (the sleep phase dreams from the decoder as it was before this step's
+    wake update), where Hinton et al. alternate them; in expectation the two orders differ only
+    by that one step's lag.
+    Shapes: x (batch, D) -> :class:`WakeSleepTerms` of (batch,) tensors; nats.
+
+    Raises:
+        ValueError: ``samples < 1`` or an empty ``x``.
+    """
+    wake, elbo_value = wake_objective(model, x, samples, generator)
+    return WakeSleepTerms(wake=wake, sleep=sleep_objective(model, len(x), generator), elbo=elbo_value)
 
 
 LOG_SIGMOID_FLOOR = -80.0  # below this, log sigmoid(t) = t to float precision (e^-80 ~ 1e-35)

@@ -130,7 +130,12 @@ def _architecture(m: dict, summary: dict) -> str:
 def _training(summary: dict, params: Params) -> tuple[str, str, str]:
     """(objective, optimizer, training length) as the set-up table states them."""
     train = params.train
-    if summary.get("objective", "elbo") == "iwae":
+    if summary.get("algorithm", "aevb") == "wake-sleep":
+        samples = summary.get("samples", 1)
+        objective = ("wake-sleep (Hinton et al. 1995, AEVB Sec. 5's baseline): wake phase fits the decoder to "
+                     f"log p(x, z), z ~ q(z|x) ({samples} sample{'s' if samples != 1 else ''} per example); "
+                     "sleep phase fits the encoder to log q(z|x), (z, x) ~ p(z) p(x|z); curves show the ELBO")
+    elif summary.get("objective", "elbo") == "iwae":
         objective = (f"importance-weighted bound L_k, k = {summary['samples']} (IWAE, Burda et al. 2016 Eq. 8)")
     else:
         samples = summary.get("samples", 1)
@@ -267,7 +272,9 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         ("validation ELBO (last pass)", f"{m['valid_elbo']:.2f}"),
         ("active units (A_u > 0.01)", f"{m['active_units']} of {m['latent_dim']}"),
     ]
-    our_model = (f"IWAE (k = {summary['samples']}), 1 stochastic layer" if summary.get("objective") == "iwae"
+    our_model = ("wake-sleep (VAE's encoder and decoder), 1 stochastic layer"
+                 if summary.get("algorithm") == "wake-sleep"
+                 else f"IWAE (k = {summary['samples']}), 1 stochastic layer" if summary.get("objective") == "iwae"
                  else "VAE, 1 stochastic layer")
     if m["dataset"] == "frey":
         no_references = ("Frey Face has no standard split and no published importance-sampled "

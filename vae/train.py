@@ -5,6 +5,14 @@ or the k-sample importance-weighted bound (Burda et al. 2016, Eq. 8). The loss i
 in nats per example (sum over pixels, mean over the minibatch), plus, with ``map_prior``, the
 N(0, I) prior on the parameters scaled by 1 / N (weight decay; AEVB Sec. 5's approximate MAP).
 
+``train.algorithm: wake-sleep`` trains the same encoder and decoder by wake-sleep instead (Hinton,
+Dayan, Frey & Neal 1995; AEVB Sec. 5's baseline): per minibatch the loss is
+-(mean wake objective + mean sleep objective) (:func:`vae.objectives.wake_sleep`), whose two terms
+reach disjoint parameters (decoder, encoder), so one optimizer over all parameters gives each its
+own phase's update with the same optimizer settings. Its train, validation and test curves are the
+same :func:`dataset_elbo` as AEVB's; its per-step curve records the minibatch ELBO at the wake
+phase's samples, beside the wake and sleep objectives under their own names.
+
 The whole dataset sits on the device as one tensor and minibatches are taken by indexing a
 permutation; dynamic binarization draws x ~ Bernoulli(intensity) for each minibatch on the device.
 No DataLoader and no per-example Python work: for models this small, indexing is far faster.
@@ -134,21 +142,48 @@ def minibatch_objective(model: VAE, x: torch.Tensor, config: TrainConfig,
     return objectives.elbo(model, x, config.samples, generator)
 
 
+# What each step of a wake-sleep run records (train_steps.csv's columns after step and examples_seen).
+WAKE_SLEEP_STEP_COLUMNS = ("train_elbo", "wake_objective", "sleep_objective")
+
+
+def wake_sleep_loss(model: VAE, x: torch.Tensor, config: TrainConfig,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One wake-sleep minibatch (Hinton et al. 1995): the loss and what the per-step curve records.
+
+    loss = -(mean_x log p(x, z) + mean over len(x) fantasies of log q(z|x)), a 0-d tensor: the
+    wake term's gradient reaches the decoder only, the sleep term's the encoder only
+    (:func:`vae.objectives.wake_sleep`, L = ``config.samples``).
+    record: (3,) float, nats per example, in :data:`WAKE_SLEEP_STEP_COLUMNS` order: the minibatch
+    ELBO (estimator B at the wake phase's samples), the mean wake and the mean sleep objective,
+    each detached. A non-finite loss has a non-finite wake or sleep entry, so the NaN guard sees it.
+    """
+    terms = objectives.wake_sleep(model, x, config.samples, generator)
+    wake, sleep = terms.wake.mean(), terms.sleep.mean()
+    record = torch.stack([terms.elbo.mean(), wake.detach(), sleep.detach()])
+    return -(wake + sleep), record
+
+
 def run_pass(model: VAE, optimizer: torch.optim.Optimizer, data: TrainingData, count: int,
              config: TrainConfig, generator: torch.Generator, bar: tqdm | None = None) -> torch.Tensor:
     """One pass over the first ``count`` examples of a fresh permutation, one optimizer step per
-    minibatch. Returns each minibatch's mean bound, (steps,) float on the device (not synced)."""
+    minibatch. Returns each minibatch's mean bound, (steps,) float on the device (not synced);
+    under wake-sleep, (steps, 3): each minibatch's :func:`wake_sleep_loss` record."""
     order = torch.randperm(len(data), generator=generator, device=data.values.device)
     steps = -(-count // config.batch_size)
-    values = torch.empty(steps, device=data.values.device)
+    wake_sleep = config.algorithm == "wake-sleep"
+    shape = (steps, len(WAKE_SLEEP_STEP_COLUMNS)) if wake_sleep else (steps,)
+    values = torch.empty(shape, device=data.values.device)
     for i in range(steps):
         stop = min((i + 1) * config.batch_size, count)
         x = data.minibatch(order[i * config.batch_size : stop], generator)
-        loss = -minibatch_objective(model, x, config, generator).mean()
+        if wake_sleep:
+            loss, values[i] = wake_sleep_loss(model, x, config, generator)
+        else:
+            loss = -minibatch_objective(model, x, config, generator).mean()
+            values[i] = -loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        values[i] = -loss.detach()
         if bar is not None:
             bar.update()
     return values
@@ -168,7 +203,8 @@ def select_step_size(model: VAE, data: TrainingData, config: TrainConfig, train_
                      progress: bool = True) -> tuple[float, dict[str, float]]:
     """Pick the global step size as the AEVB paper did (Sec. 5): train from the model's current
     parameters with each of ``config.step_size_candidates`` for ``step_size_selection_samples``
-    examples (same minibatches for each) and keep the one with the best training ELBO on ``train_x``.
+    examples (same minibatches for each) and keep the one with the best training ELBO on ``train_x``
+    (under wake-sleep too: the ELBO is the yardstick both algorithms share).
 
     The model's parameters are left as they were. Returns (chosen step size, {candidate: ELBO}).
 
@@ -273,6 +309,7 @@ class TrainResult:
     model: VAE
     epochs: pd.DataFrame  # columns: epoch, examples_seen, train_elbo, valid_elbo, [test_elbo,] learning_rate, seconds
     steps: pd.DataFrame  # columns: step, examples_seen, train_elbo (mean minibatch bound over log_interval steps)
+    #                      [, wake_objective, sleep_objective (wake-sleep: their means over the same steps)]
     progress: Progress
     device: str
 
@@ -302,7 +339,8 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
         train: training split (dynamically binarized grey images are resampled per minibatch).
         valid: validation split (early stopping and the best pass look at it alone).
         on_evaluation: called after each evaluated pass with that pass's row and the
-            (examples_seen, bound) points of the per-step curve since the previous call.
+            (examples_seen, bound) points of the per-step curve since the previous call
+            (wake-sleep: (examples_seen, ELBO, wake objective, sleep objective)).
         state: where resumable checkpoints go (None: no checkpoints).
         resume: a checkpoint read by ``state.load()`` to continue from (None: start afresh).
         extra_state: plain values stored in each checkpoint (e.g. the MLflow run id).
@@ -363,7 +401,7 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
         for group in optimizer.param_groups:
             group["lr"] = rate
         values = run_pass(model, optimizer, data, count, config, generator, bar)
-        finite = torch.isfinite(values)
+        finite = torch.isfinite(values).reshape(len(values), -1).all(-1)  # per step
         if not bool(finite.all()):  # one device sync per pass
             bad = record.step + 1 + int((~finite).nonzero()[0])
             bar.close()
@@ -374,9 +412,9 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
             window = values[start : start + config.log_interval]
             step = record.step + start + len(window)
             seen = record.examples_seen + min((start + len(window)) * config.batch_size, count)
-            mean = float(window.mean())
-            record.step_rows.append((step, seen, mean))
-            pending_points.append((seen, mean))
+            means = (float(window.mean()),) if values.ndim == 1 else tuple(window.mean(0).tolist())
+            record.step_rows.append((step, seen, *means))
+            pending_points.append((seen, *means))
         record.step += len(values)
         record.examples_seen += count
         record.passes_done += 1
@@ -430,8 +468,9 @@ def train_model(model: VAE, train: Split, valid: Split, config: TrainConfig, dev
     if best_state is not None:  # early stopping keeps the best validated parameters, stopped or not
         model.load_state_dict(best_state)
     model.eval()
+    columns = WAKE_SLEEP_STEP_COLUMNS if config.algorithm == "wake-sleep" else ("train_elbo",)
     return TrainResult(model=model, epochs=pd.DataFrame(record.epoch_rows),
-                       steps=pd.DataFrame(record.step_rows, columns=["step", "examples_seen", "train_elbo"]),
+                       steps=pd.DataFrame(record.step_rows, columns=["step", "examples_seen", *columns]),
                        progress=record, device=describe(device))
 
 
@@ -439,8 +478,10 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
     """Identity of a training run's inputs: the data, model and train parameters that change the
     result, the training split's bytes and the device type (a resumed run must match all)."""
     digest = hashlib.sha256()
-    settings = {"profile": None, "data": asdict(params.data), "model": asdict(params.model),
-                "train": {k: v for k, v in asdict(params.train).items() if k not in ("device", "checkpoint_interval")},
+    train = {k: v for k, v in asdict(params.train).items() if k not in ("device", "checkpoint_interval")}
+    if train["algorithm"] == "aevb":  # as before the option existed, so AEVB states written then still resume
+        del train["algorithm"]
+    settings = {"profile": None, "data": asdict(params.data), "model": asdict(params.model), "train": train,
                 "device": device.type}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     with open(train_file, "rb") as handle:
@@ -479,9 +520,10 @@ def run(params: Params, progress: bool = True) -> dict:
     saved = state.load()
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
     experiment = f"vae-{data.dataset}"
-    run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}"
+    run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}" \
+        + ("-wake-sleep" if config.algorithm == "wake-sleep" else "")
     tags = {"dataset": data.dataset, "binarization": data.binarization, "profile": params.profile,
-            "likelihood": data.likelihood, "device": describe(device)}
+            "likelihood": data.likelihood, "algorithm": config.algorithm, "device": describe(device)}
     resume_id = saved.get("mlflow_run_id") if saved else None
     with tracking.start_run(experiment, run_name, "train", tags, resume_run_id=resume_id) as tracker:
         # Only what training reads: later stages log their own settings (MLflow params are final).
@@ -492,9 +534,13 @@ def run(params: Params, progress: bool = True) -> dict:
                                 "data.valid_examples": len(splits["valid"]),
                                 "data.test_examples": len(splits["test"])})
 
-        def log_evaluation(row: dict, points: list[tuple[int, float]]) -> None:
+        def log_evaluation(row: dict, points: list[tuple]) -> None:
             # The per-pass test ELBO is "test_elbo_curve": "test_elbo" is evaluate's final number.
-            tracker.log_history({"train_elbo_step": points,
+            steps = {"train_elbo_step": [(seen, value) for seen, value, *_ in points]}
+            if config.algorithm == "wake-sleep":  # points: (seen, ELBO, wake objective, sleep objective)
+                steps |= {"wake_objective_step": [(p[0], p[2]) for p in points],
+                          "sleep_objective_step": [(p[0], p[3]) for p in points]}
+            tracker.log_history({**steps,
                                  "train_elbo": [(row["examples_seen"], row["train_elbo"])],
                                  "valid_elbo": [(row["examples_seen"], row["valid_elbo"])],
                                  "test_elbo_curve": [(row["examples_seen"], row["test_elbo"])],
@@ -511,7 +557,8 @@ def run(params: Params, progress: bool = True) -> dict:
                    "input_dim": splits["train"].images.shape[1],
                    "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
                    "hidden_dim": params.model.hidden_dim, "hidden_layers": params.model.hidden_layers,
-                   "objective": config.objective, "samples": config.samples, "optimizer": config.optimizer,
+                   "algorithm": config.algorithm, "objective": config.objective, "samples": config.samples,
+                   "optimizer": config.optimizer,
                    "learning_rate": record.learning_rate, "step_size_trials": record.step_size_trials,
                    "schedule": config.schedule, "batch_size": config.batch_size, "map_prior": config.map_prior,
                    "epochs": record.passes_done, "train_examples": len(splits["train"]),
