@@ -62,8 +62,9 @@ def test_manifold_tiles_are_decoder_means_on_the_inverse_cdf_grid(tmp_path: Path
 
 
 def _log_run(name: str, dataset: str, binarization: str, latent_dim: int, curves: dict[str, list],
-             checkpoint: Path | None, finished: bool = True, parent: str | None = None) -> str:
-    tags = {"dataset": dataset, "binarization": binarization, "profile": "quick"}
+             checkpoint: Path | None, finished: bool = True, parent: str | None = None,
+             algorithm: str | None = None) -> str:
+    tags = {"dataset": dataset, "binarization": binarization, "profile": "quick", "algorithm": algorithm}
     if parent:
         tags["mlflow.parentRunId"] = parent
     with tracking.start_run(f"vae-{dataset}", name, "train", tags) as tracker:
@@ -100,6 +101,9 @@ def test_runs_for_figures_2_and_5_come_from_the_tracking_store(tmp_path: Path, m
     _log_run("child-z7", "mnist", "dynamic", 7, both(1), checkpoints[2, 784], parent=new_z2)
     _log_run("static-z2", "mnist", "static", 2, both(2), checkpoints[2, 784])
     superseded = _log_run("tracked-z10", "mnist", "dynamic", 10, both(4), checkpoints[2, 784])
+    # Logged last, so the newest with latent_dim 2: a line of its own, not in place of AEVB's.
+    wake_sleep = _log_run("wake-sleep-z2", "mnist", "dynamic", 2, both(-20), checkpoints[2, 784],
+                          algorithm="wake-sleep")
 
     epochs = pd.DataFrame({"examples_seen": [50000, 100000], "train_elbo": [-150.0, -140.0],
                            "valid_elbo": [-152.0, -142.0], "test_elbo": [-151.0, -141.5]})
@@ -107,12 +111,15 @@ def test_runs_for_figures_2_and_5_come_from_the_tracking_store(tmp_path: Path, m
                "mlflow_run_id": None}
     current = visualize.current_run(summary, epochs)
     runs = visualize.tracked_runs(current)
-    by_key = {(r.dataset, r.binarization, r.latent_dim): r for r in runs}
+    assert [r.run_id for r in runs if r.algorithm == "wake-sleep"] == [wake_sleep]
+    runs_aevb = [r for r in runs if r.algorithm == "aevb"]
+    by_key = {(r.dataset, r.binarization, r.latent_dim): r for r in runs_aevb}
     assert {key: r.run_id for key, r in by_key.items()} == {
         ("mnist", "dynamic", 10): None, ("mnist", "dynamic", 2): new_z2, ("mnist", "dynamic", 5): z5,
         ("mnist", "dynamic", 4): z4, ("frey", "none", 2): frey,
         ("mnist", "static", 2): by_key["mnist", "static", 2].run_id}
     assert old_z2 not in {r.run_id for r in runs} and superseded not in {r.run_id for r in runs}
+    assert len(runs) == len(runs_aevb) + 1
     assert by_key["mnist", "dynamic", 10] is current
     assert by_key["mnist", "dynamic", 5].held_out == "valid_elbo"  # labelled validation, not test
     new = by_key["mnist", "dynamic", 2]
@@ -125,7 +132,8 @@ def test_runs_for_figures_2_and_5_come_from_the_tracking_store(tmp_path: Path, m
     with_models = visualize.prior_models(runs, current_model, tmp_path / "downloads")
     assert "z4-no-checkpoint" in capsys.readouterr().err  # left out, with the reason
     loaded = {run.latent_dim: model for run, model in with_models}
-    assert sorted(loaded) == [2, 5, 10]  # MNIST dynamic only: not Frey's, not static's
+    assert sorted(loaded) == [2, 5, 10]  # MNIST dynamic AEVB only: not Frey's, static's or wake-sleep's
+    assert wake_sleep not in {run.run_id for run, _ in with_models}
     assert loaded[10] is current_model
     for latent_dim in (2, 5):
         for name, tensor in models[latent_dim, 784].state_dict().items():

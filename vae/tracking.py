@@ -191,6 +191,7 @@ class TrainedRun:
     profile: str
     latent_dim: int
     start_time: int  # milliseconds since the epoch
+    algorithm: str = "aevb"  # train.algorithm: aevb | wake-sleep
 
 
 def _read(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -228,7 +229,7 @@ def trained_runs(experiment_prefix: str = "vae-", limit: int = 1000) -> list[Tra
             continue
         found.append(TrainedRun(run.info.run_id, tags.get("mlflow.runName", run.info.run_id), tags["dataset"],
                                 tags["binarization"], tags.get("profile", "?"), latent_dim,
-                                int(run.info.start_time or 0)))
+                                int(run.info.start_time or 0), tags.get("algorithm", "aevb")))
     return found
 
 

@@ -198,6 +198,7 @@ class RunCurves:
     latent_dim: int
     current: bool = False
     curves: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    algorithm: str = "aevb"  # train.algorithm: aevb | wake-sleep
 
     @property
     def held_out(self) -> str:
@@ -249,7 +250,7 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
                                 layout="constrained")
     styles = {"test_elbo": ("--", "test"), "valid_elbo": (":", "validation")}
     for axes, ((dataset, binarization), members) in zip(grid.flat, panels.items()):
-        members = sorted(members, key=lambda r: r.latent_dim)
+        members = sorted(members, key=lambda r: (r.latent_dim, r.algorithm))
         profiles = {r.profile for r in members}
         first = min(float(r.curves["examples_seen"].min()) for r in members)
         last = max(float(r.curves["examples_seen"].max()) for r in members)
@@ -257,7 +258,8 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
         for index, run in enumerate(members):
             colour = plt.get_cmap("tab10")(index % 10)
             frame = run.curves.sort_values("examples_seen")
-            label = f"N_z = {run.latent_dim}" + (f" ({_text(run.profile)})" if len(profiles) > 1 else "") \
+            label = f"N_z = {run.latent_dim}" + (f", {run.algorithm}" if run.algorithm != "aevb" else "") \
+                + (f" ({_text(run.profile)})" if len(profiles) > 1 else "") \
                 + (" (this run)" if run.current and len(members) > 1 else "")
             axes.plot(frame["examples_seen"], frame["train_elbo"], "-", color=colour, lw=1.4, label=label)
             values.append(frame["train_elbo"])
@@ -332,11 +334,11 @@ def current_run(summary: dict, epochs: pd.DataFrame) -> RunCurves:
     keep = [c for c in ("examples_seen", "train_elbo", "test_elbo", "valid_elbo") if c in epochs]
     return RunCurves(summary.get("mlflow_run_id"), "this run", summary["dataset"], summary["binarization"],
                      str(summary.get("profile", "?")), int(summary["latent_dim"]), current=True,
-                     curves=epochs[keep].copy())
+                     curves=epochs[keep].copy(), algorithm=str(summary.get("algorithm", "aevb")))
 
 
 def tracked_runs(current: RunCurves) -> list[RunCurves]:
-    """The latest run whose training finished for each (dataset, binarization, latent_dim) in the
+    """The latest run whose training finished for each (dataset, binarization, latent_dim, algorithm) in the
     MLflow tracking store, ``current`` in place of its own key; curves read from the metric
     histories ``train_elbo`` and ``test_elbo_curve`` (``valid_elbo`` for older runs).
 
@@ -346,10 +348,10 @@ def tracked_runs(current: RunCurves) -> list[RunCurves]:
     Raises:
         TrackingError: the store cannot be read.
     """
-    chosen: dict[tuple[str, str, int], RunCurves] = {
-        (current.dataset, current.binarization, current.latent_dim): current}
+    chosen: dict[tuple[str, str, int, str], RunCurves] = {
+        (current.dataset, current.binarization, current.latent_dim, current.algorithm): current}
     for found in tracking.trained_runs():
-        key = (found.dataset, found.binarization, found.latent_dim)
+        key = (found.dataset, found.binarization, found.latent_dim, found.algorithm)
         if key in chosen or found.run_id == current.run_id:
             continue
         train = tracking.metric_history(found.run_id, "train_elbo")
@@ -363,7 +365,7 @@ def tracked_runs(current: RunCurves) -> list[RunCurves]:
                                     how="left")
                 break
         chosen[key] = RunCurves(found.run_id, found.name, found.dataset, found.binarization, found.profile,
-                                found.latent_dim, curves=frame)
+                                found.latent_dim, curves=frame, algorithm=found.algorithm)
     return list(chosen.values())
 
 
@@ -374,7 +376,8 @@ def prior_models(runs: list[RunCurves], current_model: VAE, workdir: Path) -> li
     current = next(run for run in runs if run.current)
     models = []
     for run in runs:
-        if (run.dataset, run.binarization) != (current.dataset, current.binarization):
+        # AEVB Fig. 5 shows one algorithm's models: this run's.
+        if (run.dataset, run.binarization, run.algorithm) != (current.dataset, current.binarization, current.algorithm):
             continue
         if run.current:
             models.append((run, current_model))
@@ -488,4 +491,4 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
 
 
 def _run_order(run: RunCurves) -> tuple:
-    return (run.dataset, run.binarization, run.latent_dim)
+    return (run.dataset, run.binarization, run.latent_dim, run.algorithm)
