@@ -3,12 +3,31 @@ written to the repository's ``mlflow.db`` or ``mlruns/``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread (as subprocesses with OMP_NUM_THREADS=1), the global RNG left as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dataset_mirror() -> str | None:

@@ -15,6 +15,7 @@ import torch
 from torch.distributions import Normal
 
 import vae
+from conftest import generator
 from vae import objectives
 from vae.errors import CheckpointError
 from vae.model import (
@@ -29,10 +30,6 @@ from vae.model import (
 
 INPUT_DIM, HIDDEN_DIM, LATENT_DIM = 784, 32, 4
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def make_vae(seed: int = 0) -> VAE:

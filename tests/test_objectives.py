@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
+from conftest import generator
 from vae.objectives import (
     active_units,
     bernoulli_log_prob,
@@ -35,10 +36,6 @@ DIMS = [(5, 2), (10, 3), (20, 5)]
 # The deliberately wrong q: mean moved by 1.5 posterior standard deviations in every latent
 # dimension, variance doubled. chi^2(posterior || q) is then 5.0, 13.6 and 86 for DIMS.
 WRONG_SHIFT, WRONG_INFLATE = 1.5, 2.0
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import REPO_ROOT, generator, one_thread
 from vae import objectives
 from vae import train as train_module
 from vae.cli import main
@@ -49,29 +50,12 @@ from vae.train import (
     train_model,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 # Every training process of these tests, and the in-process runs they are compared with, use one thread.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # The resumed runs: 1200 grey training images (dynamic binarization), 24 steps per pass, 20 passes
 # (about 1.5 s of training), so a run killed after its second pass is killed mid-run.
 RESUME_EPOCHS = 20
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread (as the subprocesses with OMP_NUM_THREADS=1), global RNG untouched."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

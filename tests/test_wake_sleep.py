@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT, generator, one_thread
 from vae import objectives
 from vae.config import Params, TrainConfig, load_params, params_from_dict
 from vae.data.splits import Split
@@ -24,25 +24,15 @@ from vae.model import VAE
 from vae.report import _training
 from vae.train import dataset_elbo, make_optimizer, train_model, wake_sleep_loss
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 D, LATENT, HIDDEN = 20, 2, 16
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(autouse=True)
 def _torch_on_one_thread():
     """Tiny models run fastest on one thread; the global random state is left as it was."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def small_model(likelihood: str = "bernoulli", seed: int = 0, dtype: torch.dtype = torch.float32) -> VAE:

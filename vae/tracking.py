@@ -57,13 +57,17 @@ def git_dirty(ignore: Sequence[str] = ()) -> bool:
     return any(path not in ignore for path in changed.splitlines() if path)
 
 
-def tracking_uri() -> str:
-    """The tracking URI in use: ``MLFLOW_TRACKING_URI``, else MLflow's default SQLite store.
+def store_uri(root: str | Path | None = None) -> str:
+    """The store the stages log to: ``MLFLOW_TRACKING_URI``, else MLflow's default as seen from
+    ``root`` (default: the working directory), ``sqlite:///<root>/mlflow.db``."""
+    return (os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+            or f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}")
 
-    Credentials in a URI (``user:password@``) are masked, so it can go into reports and logs.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+def tracking_uri() -> str:
+    """The tracking URI in use (:func:`store_uri`), with credentials (``user:password@``) masked,
+    so it can go into reports and logs."""
+    return re.sub(r"//[^/@]*@", "//***@", store_uri())
 
 
 class Tracker:
@@ -134,10 +138,7 @@ class Tracker:
         return version
 
     def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except Exception as error:  # MlflowException, connection and database errors alike
-            raise TrackingError(f"MLflow tracking at {self.uri} failed in {function.__name__}: {error}") from error
+        return _read(self.uri, function, *args, **kwargs)
 
 
 class NullTracker:
@@ -165,9 +166,8 @@ def _client() -> tuple[Any, str]:
 
 
 def client_for(root: str | Path) -> Any:
-    """An ``MlflowClient`` on the store the stages of the repository at ``root`` log to:
-    ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` (MLflow's default
-    as seen from the repository root, where ``dvc repro`` runs the stages).
+    """An ``MlflowClient`` on the store the stages of the repository at ``root`` log to
+    (:func:`store_uri` of ``root``, where ``dvc repro`` runs the stages).
 
     Raises:
         TrackingError: mlflow is not installed.
@@ -176,7 +176,7 @@ def client_for(root: str | Path) -> Any:
         from mlflow import MlflowClient
     except ImportError as error:
         raise TrackingError(f"mlflow is not installed ({error})") from None
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    uri = store_uri(root)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -195,9 +195,10 @@ class TrainedRun:
 
 
 def _read(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)``, its failures raised as TrackingError naming the store."""
     try:
         return function(*args, **kwargs)
-    except Exception as error:
+    except Exception as error:  # MlflowException, connection and database errors alike
         raise TrackingError(f"MLflow tracking at {uri} failed in {function.__name__}: {error}") from error
 
 
