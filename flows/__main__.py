@@ -32,6 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = sub.add_parser("retrain", parents=[overrides], help="run the scheduled-retraining flow once",
                              description="Retrain with a new seed, evaluate, register, promote if better.")
     retrain.add_argument("--seed", type=int, help="train.seed (default: one above every seed used so far)")
+    sweep = sub.add_parser(
+        "sweep", help="run the vae-sweep flow once: the latent-size sweep's members in parallel on Dask",
+        description="Run every changed member of params.yaml's sweep (AEVB Figure 2) as a task on Dask, "
+                    "record them in dvc.lock with `dvc commit`, then the sweep-report stage and the report.",
+        epilog="Sequentially, without Prefect or Dask: `uv run dvc repro sweep-report`.")
+    sweep.add_argument("--workers", type=int, help="local Dask worker processes (default: CPU cores / sweep.threads)")
+    sweep.add_argument("--address", help="a running Dask scheduler, e.g. tcp://host:8786 (its workers must see "
+                                         "the repository at the same path)")
+    sweep.add_argument("--no-report", action="store_true", help="stop after sweep-report (skip the main report)")
+    sweep.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a parameter for this run, as `dvc exp run -S` takes it (repeatable)")
+    sweep.add_argument("--repo", help="repository root (default: VAE_REPO, else the working directory)")
     serve = sub.add_parser("serve", help="serve both deployments from this process (needs a Prefect server)",
                            description="flow.serve alternative to prefect.yaml and a worker: registers "
                                        "vae-pipeline/manual and scheduled-retraining/weekly and runs them "
@@ -54,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         serve(vae_pipeline.to_deployment(name="manual"),
               scheduled_retraining.to_deployment(name="weekly", **schedule),
               pause_on_shutdown=False)
+        return 0
+    if args.command == "sweep":
+        from flows.sweep import vae_sweep
+
+        try:
+            state = vae_sweep(workers=args.workers, address=args.address, report=not args.no_report,
+                              set_params=args.set_param, repo=args.repo, return_state=True)
+            result = state.result()
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except VaeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"vae-sweep: {state.name}; {len(result['ran'])} members ran, {len(result['skipped'])} up to date "
+              f"in {result['seconds']} s; {result['results']}")
         return 0
     common = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset,
               "seed": args.seed, "set_params": args.set_param, "repo": args.repo}

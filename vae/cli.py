@@ -45,6 +45,8 @@ STAGES = {  # name: (module, function, summary for `vae --help`, description for
 
 EPILOG = """\
 The stages run in this order; `dvc repro` runs them all and skips those that are up to date.
+The sweep-* commands are the stages of AEVB Figure 2's latent-size sweep (params.yaml's sweep;
+`uv run python -m flows sweep` runs its members in parallel on Dask).
 `vae profile NAME` switches params.yaml to a named configuration (a paper's set-up) first.
 Environment: VAE_DATA_MIRROR (dataset mirror), MLFLOW_TRACKING_URI (default sqlite:///mlflow.db),
 VAE_TRACKING=off (log nothing to MLflow).
@@ -64,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (_, _, summary, text) in STAGES.items():
         sub.add_parser(name, parents=[common], help=summary, description=text)
+    sweep_data = sub.add_parser(
+        "sweep-data", parents=[common], help="the sweep's data: download and binarize one dataset",
+        description="Download and binarize DATASET into paths.raw/sweep and paths.processed/sweep with the "
+                    "sweep's data settings (params.yaml sweep.settings.DATASET.data); stage sweep-data@DATASET.")
+    sweep_data.add_argument("dataset", help="mnist or frey")
+    member = sub.add_parser(
+        "sweep-member", parents=[common], help="train and evaluate one member of the latent-size sweep",
+        description="Train and evaluate one member of params.yaml's sweep (AEVB Figure 2): the defaults "
+                    "with sweep.settings.DATASET on top, at this latent size, algorithm and seed, on "
+                    "sweep.threads CPU threads; into models/sweep/MEMBER and reports/sweep/members/MEMBER, "
+                    "logged to MLflow as a child of the sweep's run. Stage sweep-DATASET@LATENT_DIM-ALGORITHM-SEED.")
+    member.add_argument("dataset", help="mnist or frey")
+    member.add_argument("latent_dim", type=int, help="latent size N_z")
+    member.add_argument("algorithm", help="aevb or wake-sleep")
+    member.add_argument("seed", type=int, help="train.seed of the member")
+    sub.add_parser(
+        "sweep-report", parents=[common], help="the sweep's Figure 2 replica and results table",
+        description="Read every member params.yaml's sweep declares and write reports/sweep/lower_bound_sweep.png "
+                    "(one panel per dataset, AEVB solid and wake-sleep dashed per latent size, train bold and "
+                    "test pale) and reports/sweep/sweep_results.csv (final ELBOs and L_k per member).")
     profile = sub.add_parser(
         "profile", help="switch params.yaml to a named configuration (quick, aevb-mnist, ...)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +131,19 @@ def profile_command(args: argparse.Namespace) -> None:
         print(f"  {key}: {old!r} -> {new!r}")
 
 
+def sweep_command(args: argparse.Namespace, params, progress: bool) -> None:
+    """``vae sweep-data | sweep-member | sweep-report``: the sweep's stages (:mod:`vae.sweep`)."""
+    from vae import sweep
+
+    if args.stage == "sweep-data":
+        sweep.run_data(params, args.dataset, progress=progress)
+    elif args.stage == "sweep-member":
+        member = sweep.find_member(params.sweep, args.dataset, args.latent_dim, args.algorithm, args.seed)
+        sweep.run_member(params, member, progress=progress)
+    else:
+        sweep.run_report(params, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one stage. Returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -125,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         from vae.config import load_params
 
         params = load_params(args.params)
+        if args.stage.startswith("sweep-"):
+            sweep_command(args, params, progress)
+            return 0
         module_name, function_name, _, _ = STAGES[args.stage]
         stage = getattr(importlib.import_module(module_name), function_name)
         stage(params, progress=progress)

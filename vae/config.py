@@ -32,6 +32,7 @@ OBJECTIVES = ("elbo", "iwae")
 SCHEDULES = ("constant", "iwae")
 DEVICES = ("auto", "cpu", "cuda")
 PROJECTIONS = ("pca", "tsne")
+SWEEP_SIZES = ("quick", "full")
 
 
 def _positive(*names: str):
@@ -325,6 +326,136 @@ class VisualizeConfig:
                _non_negative("seed"))
 
 
+def _distinct_items(*names: str):
+    def check(self) -> list[str]:
+        problems = []
+        for name in names:
+            value = getattr(self, name)
+            if not value:
+                problems.append(f"{name} = {value!r}: expected a non-empty list")
+            elif len(set(value)) != len(value):
+                problems.append(f"{name} = {value!r}: expected each value once")
+        return problems
+    return check
+
+
+def _sweep_algorithms(self) -> list[str]:
+    bad = [a for a in self.algorithms if a not in ALGORITHMS]
+    return [f"algorithms = {self.algorithms!r}: unknown {', '.join(map(repr, bad))}; expected values from "
+            f"{', '.join(ALGORITHMS)}"] if bad else []
+
+
+def _sweep_seeds(self) -> list[str]:
+    return [] if all(seed >= 0 for seed in self.seeds) else \
+        [f"seeds = {self.seeds!r}: expected integers >= 0"]
+
+
+def _per_dataset(name: str):
+    def check(self) -> list[str]:
+        value = getattr(self, name)
+        if sorted(value) == sorted(DATASETS):
+            return []
+        return [f"{name} = {value!r}: expected one entry per dataset ({', '.join(DATASETS)}); "
+                "an empty list of latent sizes leaves a dataset out"]
+    return check
+
+
+def _sweep_latent_dims(self) -> list[str]:
+    problems = []
+    for dataset, sizes in self.latent_dims.items():
+        if not all(size > 0 for size in sizes) or len(set(sizes)) != len(sizes):
+            problems.append(f"latent_dims = {{{dataset}: {sizes!r}}}: expected distinct integers > 0 "
+                            f"for {dataset}")
+    if not any(self.latent_dims.values()):
+        problems.append(f"latent_dims = {self.latent_dims!r}: the sweep has no member; give at least "
+                        "one dataset a latent size")
+    return problems
+
+
+# What a sweep member's settings may set: the matrix fixes the dataset, latent size, algorithm and
+# seed; paths are the sweep's own.
+SWEEP_FIXED = {"data": ("dataset",), "model": ("latent_dim",), "train": ("algorithm", "seed")}
+SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
+
+
+def _sweep_settings(self) -> list[str]:
+    from vae.sweep import member_params, Member  # the member's full parameters are built there
+
+    problems = []
+    for dataset in DATASETS:
+        settings = self.settings.get(dataset)
+        if not isinstance(settings, dict):
+            continue  # reported by _per_dataset
+        for section, values in settings.items():
+            if section not in SWEEP_SECTIONS:
+                problems.append(f"settings.{dataset}.{section} = {values!r}: unknown section; expected "
+                                f"{', '.join(SWEEP_SECTIONS)}")
+            elif not isinstance(values, dict):
+                problems.append(f"settings.{dataset}.{section} = {values!r}: expected a mapping of keys to values")
+            else:
+                problems.extend(f"settings.{dataset}.{section}.{key} = {values[key]!r}: set by the sweep "
+                                f"(its matrix and {'data.dataset' if key == 'dataset' else 'the member'}); "
+                                "remove it here" for key in SWEEP_FIXED.get(section, ()) if key in values)
+        if problems:
+            continue
+        for algorithm in self.algorithms if _sweep_algorithms(self) == [] else ():
+            member = Member(dataset, (self.latent_dims.get(dataset) or [1])[0], algorithm, 0)
+            try:
+                member_params(self, member)
+            except ConfigError as error:
+                detail = str(error).split(":\n", 1)[-1]
+                problems.extend(f"settings.{dataset}.{line.strip()}" + (f" (with algorithm {algorithm})"
+                                                                        if len(self.algorithms) > 1 else "")
+                                for line in detail.splitlines())
+                break
+    return problems
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The latent-size sweep of AEVB Figure 2 (stages ``sweep-data``, ``sweep-mnist``, ``sweep-frey``,
+    ``sweep-report``; :mod:`vae.sweep`): every combination of ``latent_dims[dataset]`` x
+    ``algorithms`` x ``seeds`` is one member, trained and evaluated on its own.
+
+    A member's parameters are the defaults of this module (not the main run's sections) with
+    ``settings[dataset]`` (sections data, model, train, evaluate) on top, and the member's dataset,
+    latent size, algorithm and seed. ``threads`` fixes torch's CPU threads per member, so a member
+    gives the same numbers whether ``dvc repro`` runs it alone or a parallel sweep runs it beside
+    others (null: torch's default, which depends on the machine). An empty ``latent_dims`` list
+    leaves that dataset out.
+    """
+
+    size: str = "quick"
+    algorithms: list[str] = field(default_factory=lambda: ["aevb", "wake-sleep"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    latent_dims: dict[str, list[int]] = field(default_factory=lambda: {"mnist": [3, 20], "frey": [2, 10]})
+    threads: int | None = 1
+    settings: dict[str, dict] = field(default_factory=lambda: {
+        "mnist": {"data": {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000},
+                  "model": {"hidden_dim": 200},
+                  "train": {"epochs": None, "training_samples": 200000, "curve_points": 40,
+                            "checkpoint_interval": 0, "device": "cpu"},
+                  "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
+                               "device": "cpu"}},
+        "frey": {"data": {"binarization": "none"},
+                 "model": {"hidden_dim": 200},
+                 "train": {"epochs": None, "training_samples": 200000, "curve_points": 40,
+                           "checkpoint_interval": 0, "device": "cpu"},
+                 "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
+                              "device": "cpu"}}})
+
+    _checks = (_choice("size", SWEEP_SIZES), _distinct_items("algorithms", "seeds"), _sweep_algorithms,
+               _sweep_seeds, _per_dataset("latent_dims"), _per_dataset("settings"), _positive("threads"))
+
+
+def _sweep_checks_after_types(self) -> list[str]:
+    if _per_dataset("latent_dims")(self) or _per_dataset("settings")(self):
+        return []
+    return _sweep_latent_dims(self) + _sweep_settings(self)
+
+
+SweepConfig._checks = SweepConfig._checks + (_sweep_checks_after_types,)
+
 PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
@@ -340,6 +471,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The parameters as plain nested dicts (what was read, with defaults filled in)."""
@@ -352,6 +484,10 @@ class Params:
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        key_type, value_type = typing.get_args(annotation) or (str, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key_type) and (value_type is Any or _type_ok(v, value_type))
+                                               for k, v in value.items())
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -367,6 +503,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        value_type = (typing.get_args(annotation) or (str, Any))[1]
+        inner = "values" if value_type is Any else _type_name(value_type).removeprefix("an ").removeprefix("a ")
+        return f"a mapping of names to {'mappings' if value_type is dict else inner}"
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -449,6 +589,9 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
         built["profile"] = profile
     for name, section_field in sections.items():
         cls = typing.get_type_hints(Params)[name]
+        if raw.get(name) is None:  # the defaults, valid by construction (tests/test_config.py checks)
+            built[name] = cls()
+            continue
         try:
             built[name] = _build_section(cls, name, raw.get(name), source)
         except ConfigError as error:

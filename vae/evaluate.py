@@ -66,8 +66,9 @@ def _encode_means(model: VAE, x: torch.Tensor) -> torch.Tensor:
 
 
 
-def run(params: Params, progress: bool = True) -> dict:
-    """Stage entry point: evaluate the checkpoint; write the files listed in the module docstring."""
+def run(params: Params, progress: bool = True, *, register: bool = True) -> dict:
+    """Stage entry point: evaluate the checkpoint; write the files listed in the module docstring.
+    ``register=False`` (sweep members) logs the numbers but adds no model version to the registry."""
     paths, config = params.paths, params.evaluate
     device = resolve_device(config.device)
     summary = read_json(paths.train_summary)
@@ -137,7 +138,7 @@ def run(params: Params, progress: bool = True) -> dict:
                              for split in results})
         for path in (paths.metrics, paths.bound_curve, paths.per_example):
             tracker.log_artifact(path, "evaluation")
-        version = tracker.log_model(
+        version = None if not register else tracker.log_model(
             model.cpu(), f"vae-{summary['dataset']}",
             {"test_log_likelihood": metrics["test_log_likelihood"],
              "test_log_likelihood_stderr": metrics["test_log_likelihood_stderr"],

@@ -255,6 +255,45 @@ def download_artifact(run_id: str, artifact_path: str, destination: str | Path) 
     return Path(_read(uri, client.download_artifacts, run_id, artifact_path, str(destination)))
 
 
+def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
+                       tags: Mapping[str, str] | None = None) -> str | None:
+    """The id of the oldest run of ``experiment`` tagged ``tag = value``, created (with ``run_name``
+    and ``tags``, status RUNNING) when there is none; None when tracking is off.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    if not enabled():
+        return None
+    client, uri = _client()
+    found = _read(uri, client.get_experiment_by_name, experiment)
+    experiment_id = found.experiment_id if found else _read(uri, client.create_experiment, experiment)
+    runs = _read(uri, client.search_runs, [experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                 order_by=["attributes.start_time ASC"], max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = _read(uri, client.create_run, experiment_id, run_name=run_name,
+                tags={"mlflow.runName": run_name, tag: value, "mlflow.source.git.commit": git_commit() or "",
+                      **(tags or {})})
+    return run.info.run_id
+
+
+def complete_parent_run(run_id: str, children: Sequence[str], artifacts: Sequence[str | Path],
+                        artifact_path: str) -> None:
+    """Make every run in ``children`` a child of ``run_id`` (``mlflow.parentRunId``), log
+    ``artifacts`` to it under ``artifact_path`` and mark it FINISHED.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    client, uri = _client()
+    for child in children:
+        _read(uri, client.set_tag, child, "mlflow.parentRunId", run_id)
+    for path in artifacts:
+        _read(uri, client.log_artifact, run_id, str(path), artifact_path)
+    _read(uri, client.set_terminated, run_id, status="FINISHED")
+
+
 def _warn_off(stage: str) -> None:
     print(f"WARNING: {TRACKING_ENV}=off: the {stage} stage logs nothing to MLflow", file=sys.stderr)
 

@@ -500,9 +500,13 @@ def build_model(params: Params, input_dim: int) -> VAE:
     return model
 
 
-def run(params: Params, progress: bool = True) -> dict:
+def run(params: Params, progress: bool = True, *, experiment: str | None = None, run_name: str | None = None,
+        tags: dict[str, str] | None = None) -> dict:
     """Stage entry point: train on ``paths.processed/<dataset>``, write the checkpoint, the ELBO
     curves (``elbo_curve.csv``, ``train_steps.csv``) and ``train_summary.json``; log to MLflow.
+
+    ``experiment`` (default ``vae-<dataset>``), ``run_name`` and extra ``tags`` (e.g.
+    ``mlflow.parentRunId``) place the MLflow run: a sweep member logs as a child of its sweep's run.
 
     Returns:
         The summary written to ``train_summary.json``.
@@ -519,11 +523,11 @@ def run(params: Params, progress: bool = True) -> dict:
     state = ResumableState(paths.train_state, fingerprint(params, folder / "train.pt", device))
     saved = state.load()
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
-    experiment = f"vae-{data.dataset}"
-    run_name = f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}" \
+    experiment = experiment or f"vae-{data.dataset}"
+    run_name = run_name or f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}" \
         + ("-wake-sleep" if config.algorithm == "wake-sleep" else "")
     tags = {"dataset": data.dataset, "binarization": data.binarization, "profile": params.profile,
-            "likelihood": data.likelihood, "algorithm": config.algorithm, "device": describe(device)}
+            "likelihood": data.likelihood, "algorithm": config.algorithm, "device": describe(device), **(tags or {})}
     resume_id = saved.get("mlflow_run_id") if saved else None
     with tracking.start_run(experiment, run_name, "train", tags, resume_run_id=resume_id) as tracker:
         # Only what training reads: later stages log their own settings (MLflow params are final).

@@ -289,6 +289,67 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
     _save_figure(figure, path)
 
 
+ALGORITHM_STYLES = {"aevb": ("-", "AEVB"), "wake-sleep": ("--", "wake-sleep")}
+
+
+def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None:
+    """The Figure 2 replica of the latent-size sweep (:mod:`vae.sweep`): the lower bound (ELBO, nats
+    per example) against training examples evaluated, log x-axis, one panel per dataset; one colour
+    per latent size N_z, AEVB solid and wake-sleep dashed, the train bound drawn bold and the test
+    bound thin and pale in the same colour and style (cf. Kingma & Welling 2014, Figure 2).
+
+    Args:
+        runs: one per (dataset, latent size, algorithm); ``curves`` with columns examples_seen,
+            train_elbo and test_elbo (the mean over ``seeds`` seeds).
+
+    Raises:
+        ValueError: ``runs`` is empty or a run has no evaluated pass.
+    """
+    if not runs:
+        raise ValueError("lower_bound_sweep: no runs to draw")
+    for run in runs:
+        if run.curves.empty:
+            raise ValueError(f"lower_bound_sweep: {run.name} has no evaluated pass")
+    panels: dict[str, list[RunCurves]] = {}
+    for run in sorted(runs, key=lambda r: (list(DATASET_NAMES).index(r.dataset) if r.dataset in DATASET_NAMES
+                                           else len(DATASET_NAMES), r.dataset)):
+        panels.setdefault(run.dataset, []).append(run)
+    figure, grid = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False,
+                                layout="constrained")
+    for axes, (dataset, members) in zip(grid.flat, panels.items()):
+        sizes = sorted({r.latent_dim for r in members})
+        colours = {size: plt.get_cmap("tab10")(i % 10) for i, size in enumerate(sizes)}
+        values = []
+        for run in sorted(members, key=lambda r: (r.latent_dim, r.algorithm)):
+            style, _ = ALGORITHM_STYLES.get(run.algorithm, (":", run.algorithm))
+            frame = run.curves.sort_values("examples_seen")
+            colour = colours[run.latent_dim]
+            axes.plot(frame["examples_seen"], frame["train_elbo"], style, color=colour, lw=2.0)
+            axes.plot(frame["examples_seen"], frame["test_elbo"], style, color=colour, lw=1.0, alpha=0.5)
+            values += [frame["train_elbo"], frame["test_elbo"]]
+        axes.set_xscale("log")
+        joined = pd.concat(values).dropna()
+        low, high = float(joined.min()), float(joined.max())
+        margin = max(2.0, 0.05 * (high - low))
+        axes.set_ylim(low - margin, high + margin)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.set_xlabel("training examples evaluated")
+        axes.set_ylabel("lower bound (ELBO, nats per example)")
+        binarization = members[0].binarization
+        axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+        handles = [Line2D([], [], color=colours[size], lw=2.0) for size in sizes]
+        labels = [f"N_z = {size}" for size in sizes]
+        for algorithm in sorted({r.algorithm for r in members}, key=list(ALGORITHM_STYLES).index):
+            handles.append(Line2D([], [], color="0.2", ls=ALGORITHM_STYLES[algorithm][0], lw=1.6))
+            labels.append(ALGORITHM_STYLES[algorithm][1])
+        handles += [Line2D([], [], color="0.2", lw=2.0), Line2D([], [], color="0.2", lw=1.0, alpha=0.5)]
+        labels += ["train", "test"]
+        axes.legend(handles, labels, loc="lower right", fontsize=8, ncol=2)
+    title = "Latent-size sweep: AEVB against wake-sleep (cf. AEVB Figure 2)"
+    figure.suptitle(title + (f", mean of {seeds} seeds" if seeds > 1 else ""), fontsize=11)
+    _save_figure(figure, path)
+
+
 @torch.no_grad()
 def prior_samples_by_latent_dim(models: list[tuple[int, VAE]], config: VisualizeConfig, shape: tuple[int, int],
                                 path: Path) -> None:

@@ -1,0 +1,223 @@
+"""The ``vae-sweep`` flow: AEVB Figure 2's latent-size sweep with its members in parallel on Dask.
+
+DVC runs one ``repro`` per work tree at a time (its repository lock), so parallel members cannot
+be parallel ``dvc repro`` processes. The flow therefore splits what ``dvc repro`` does for a
+member stage into its two halves:
+
+1. **run**: every member stage that ``dvc status`` reports as changed is one Prefect task on
+   prefect-dask's ``DaskTaskRunner``; the task runs the stage's own command, read from
+   ``dvc.yaml`` (``vae sweep-member mnist 3 aevb 0``), in the repository. Members write only
+   their own folders, and torch uses ``sweep.threads`` threads in each, so they neither collide
+   nor change each other's numbers.
+2. **record**: once the members are done, one ``dvc commit --force`` of the finished member
+   stages stores their outputs in the DVC cache and writes their ``dvc.lock`` entries: the
+   hashes of the dependencies, parameters and outputs they were run with, exactly what
+   ``dvc repro`` would have written. Then ``dvc status`` reports them up to date.
+
+Before the members, ``dvc repro`` runs the sweep's data stages; after them, it runs
+``sweep-report`` (the Figure 2 replica and the table) and, unless ``report=False``, the main
+``report``, which includes them. A member that fails is reported with its output; the others
+are still recorded, so a re-run only repeats the failed one.
+
+The Dask cluster is a local one (``workers`` processes, one thread each) unless ``address``
+names a running scheduler (``tcp://host:8786``): then members run on whatever workers joined it,
+which must see the repository at the same path (a shared file system) with the project's
+environment installed. Only the flow's own process touches DVC.
+
+Run it without any set-up (Prefect's temporary local server)::
+
+    uv run python -m flows sweep --workers 2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import (StageFailed, _dvc, _stage_env, overridden_params, overrides_for, repository,
+                            repository_lock)
+from vae.errors import ConfigError
+
+
+def member_commands(root: Path, stages: list[str]) -> dict[str, str]:
+    """``{stage: command}`` for the given stages, as ``dvc.yaml`` (its matrix expanded) defines them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {name: repo.stage.collect(name)[0].cmd for name in stages}
+
+
+def changed_stages(root: Path, stages: list[str]) -> dict[str, Any]:
+    """Which of ``stages`` DVC would run: ``{stage: what changed}`` (one ``dvc status`` call).
+
+    Raises:
+        StageFailed: ``dvc status`` itself failed.
+    """
+    if not stages:
+        return {}
+    result = _dvc(root, "status", "--json", *stages)
+    if result.returncode != 0:
+        raise StageFailed(f"dvc status failed in {root}:\n{result.stderr.strip()[-2000:]}")
+    status = json.loads(result.stdout or "{}")
+    return {stage: status[stage] for stage in stages if stage in status}
+
+
+def dvc_repro(root: Path, *targets: str) -> str:
+    """``dvc repro TARGETS`` in ``root``; its output.
+
+    Raises:
+        StageFailed: the command failed (the message ends with its last lines).
+    """
+    result = _dvc(root, "repro", *targets)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        raise StageFailed(f"dvc repro {' '.join(targets)} failed in {root}:\n{output[-3000:]}")
+    return output
+
+
+def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> dict[str, Any]:
+    """Body of a member task (on a Dask worker): run the member stage's command in ``root``.
+
+    Returns:
+        ``{"stage", "host", "pid", "started", "finished", "seconds"}`` (times in seconds since the epoch).
+
+    Raises:
+        StageFailed: the command failed (the message ends with its last output lines).
+    """
+    logger = get_run_logger()
+    env = _stage_env()
+    if threads is not None:  # also for the BLAS libraries under torch
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    started = time.time()
+    tail: list[str] = []
+    with subprocess.Popen(shlex.split(command) + ["--no-progress"], cwd=root, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                logger.info("%s", line)
+                tail = (tail + [line])[-30:]
+    finished = time.time()
+    if process.returncode != 0:
+        raise StageFailed(f"sweep member {stage} failed (`{command}` exit {process.returncode}) on "
+                          f"{socket.gethostname()} in {root}:\n" + "\n".join(tail))
+    return {"stage": stage, "host": socket.gethostname(), "pid": process.pid, "started": started,
+            "finished": finished, "seconds": round(finished - started, 2)}
+
+
+run_member = task(run_member_fn, name="sweep-member", cache_policy=NO_CACHE)
+
+
+def task_runner(workers: int, threads: int | None, address: str | None):
+    """prefect-dask's ``DaskTaskRunner``: on the scheduler at ``address``, else on a local cluster of
+    ``workers`` processes with one thread each (each member is a process of its own; ``threads``
+    is what torch uses inside it)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
+    from vae import sweep
+    from vae.config import load_params
+
+    logger = get_run_logger()
+    params = load_params(root / "params.yaml")
+    declared = sweep.members(params.sweep)
+    datasets = sorted({member.dataset for member in declared})
+    output = dvc_repro(root, "--single-item", *[f"sweep-data@{dataset}" for dataset in datasets])
+    logger.info("sweep data: %s", output.splitlines()[-1] if output else "up to date")
+    stages = [member.stage for member in declared]
+    changed = changed_stages(root, stages)
+    commands = member_commands(root, list(changed))
+    logger.info("%d of %d members to run: %s", len(changed), len(stages), ", ".join(changed) or "none")
+    futures = {stage: run_member.with_options(task_run_name=stage).submit(str(root), stage, commands[stage],
+                                                                        params.sweep.threads)
+               for stage in changed}
+    records, failures = [], []
+    for stage, future in futures.items():
+        try:
+            records.append(future.result())
+        except Exception as error:  # every member is waited for before anything is recorded
+            failures.append(f"{stage}: {error}")
+    finished = [record["stage"] for record in records]
+    if finished:  # record in dvc.lock (and the DVC cache) what the members wrote, as `dvc repro` would
+        result = _dvc(root, "commit", "--force", *finished)
+        if result.returncode != 0:
+            raise StageFailed(f"dvc commit of {', '.join(finished)} failed in {root}:\n{result.stderr[-3000:]}")
+    if failures:
+        raise StageFailed(f"{len(failures)} of {len(changed)} sweep members failed (the {len(finished)} that "
+                          "finished are recorded in dvc.lock; a re-run repeats only the failed ones):\n"
+                          + "\n".join(failures))
+    dvc_repro(root, "--single-item", "sweep-report")
+    if report:
+        dvc_repro(root, "report")
+    results = root / params.paths.reports / "sweep" / "sweep_results.csv"
+    return {"members": len(stages), "ran": records, "skipped": [s for s in stages if s not in changed],
+            "results": str(results)}
+
+
+@flow(name="vae-sweep-members", log_prints=True)
+def sweep_members(repo: str, report: bool = True) -> dict[str, Any]:
+    """The sweep with this flow's task runner (set by :func:`vae_sweep`): see the module docstring."""
+    return _run_sweep(Path(repo), report)
+
+
+@flow(name="vae-sweep", log_prints=True)
+def vae_sweep(workers: int | None = None, address: str | None = None, report: bool = True,
+              set_params: list[str] | None = None, repo: str | None = None) -> dict[str, Any]:
+    """Run every changed member of ``params.yaml``'s sweep in parallel on Dask, record them in
+    ``dvc.lock``, then the sweep's report stage (and the main report).
+
+    Args:
+        workers: local Dask worker processes (default: as many as the CPU's cores allow at
+            ``sweep.threads`` threads per member, at most the number of members); ignored with ``address``.
+        address: a running Dask scheduler (``tcp://host:8786``) instead of a local cluster; its
+            workers must see the repository at the same path.
+        report: also bring the main ``report`` stage up to date (it includes the sweep's figure).
+        set_params: overrides in ``dvc exp run -S`` syntax (``["sweep.seeds=[0,1]"]``), for this run only.
+        repo: the repository (default: ``VAE_REPO``, else the working directory).
+
+    Returns:
+        ``{"members", "ran": [{stage, host, pid, started, finished, seconds}], "skipped", "results"}``.
+
+    Raises:
+        ConfigError: bad parameters or overrides; StageFailed: a stage or member failed.
+    """
+    root = repository(repo)
+    overrides = overrides_for(set_params)
+    with repository_lock(root), overridden_params(root, overrides) as params:
+        from vae import sweep
+
+        count = len(sweep.members(params.sweep))
+        if workers is not None and workers < 1:
+            raise ConfigError(f"workers = {workers}: expected a number of Dask worker processes >= 1")
+        if workers is None:
+            workers = max(1, min(count, (os.cpu_count() or 1) // (params.sweep.threads or 1)))
+        where = f"the Dask scheduler at {address}" if address else f"a local Dask cluster of {workers} workers"
+        print(f"sweep: {count} members on {where}")
+        started = time.perf_counter()
+        runner = task_runner(workers, params.sweep.threads, address)
+        result = sweep_members.with_options(task_runner=runner)(str(root), report)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"sweep: {len(result['ran'])} members ran, {len(result['skipped'])} up to date, in "
+          f"{result['seconds']} s; table {result['results']}")
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as `python -m flows sweep`")

@@ -1,0 +1,275 @@
+"""AEVB Figure 2's latent-size sweep: datasets x latent sizes x algorithms x seeds.
+
+``params.yaml``'s ``sweep`` section declares it (:class:`vae.config.SweepConfig`) and ``dvc.yaml``
+expands it with ``matrix:`` into one stage per member (``sweep-mnist@3-aevb-0``): each member is a
+complete, independent run of :func:`vae.train.run` and :func:`vae.evaluate.run` on its own
+parameters (:func:`member_params`) and its own folders:
+
+- ``<paths.raw>/sweep/<dataset>``, ``<paths.processed>/sweep/<dataset>``: the sweep's data
+  (stage ``sweep-data@<dataset>``; the main run's data stay the main run's);
+- ``<paths.models>/sweep/<member>/model.pt`` (``train_state.pt`` beside it while training);
+- ``<paths.reports>/sweep/members/<member>/``: ``train_summary.json``, ``elbo_curve.csv``,
+  ``metrics.json``, ... and ``member.json`` (when and where it ran).
+
+Stage ``sweep-report`` (:func:`run_report`) reads the members the sweep declares and writes
+``<paths.reports>/sweep/lower_bound_sweep.png`` (the Figure 2 replica) and
+``sweep_results.csv`` (one row per member: final ELBOs and L_k).
+
+MLflow: every member's training run is a child (``mlflow.parentRunId``) of one run of the
+experiment ``vae-sweep`` that stands for the sweep: the run tagged with the sweep's identity
+(:func:`sweep_id`, a digest of the ``sweep`` section), which ``sweep-report`` completes with the
+figure, the table and the re-parenting of members trained under an earlier declaration. Members
+register no model version (the registry's champion is the main run's business).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from vae import tracking
+from vae.config import DATASETS, PathsConfig, Params, SweepConfig, params_from_dict
+from vae.errors import ConfigError, DataError
+from vae.io import read_json, write_csv, write_json
+
+EXPERIMENT = "vae-sweep"
+SWEEP_TAG = "vae.sweep_id"
+MEMBER_TAG = "vae.sweep_member"
+
+
+@dataclass(frozen=True, order=True)
+class Member:
+    """One run of the sweep: a dataset, a latent size N_z, an algorithm and a seed."""
+
+    dataset: str
+    latent_dim: int
+    algorithm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Folder and MLflow run name, e.g. ``mnist-z3-aevb-s0``."""
+        return f"{self.dataset}-z{self.latent_dim}-{self.algorithm}-s{self.seed}"
+
+    @property
+    def stage(self) -> str:
+        """The DVC stage ``dvc.yaml``'s matrix makes for it, e.g. ``sweep-mnist@3-aevb-0``."""
+        return f"sweep-{self.dataset}@{self.latent_dim}-{self.algorithm}-{self.seed}"
+
+
+def members(sweep: SweepConfig) -> list[Member]:
+    """Every member the sweep declares, in ``dvc.yaml``'s order (dataset, latent size, algorithm, seed)."""
+    return [Member(dataset, latent_dim, algorithm, seed)
+            for dataset in DATASETS for latent_dim in sweep.latent_dims.get(dataset, [])
+            for algorithm in sweep.algorithms for seed in sweep.seeds]
+
+
+def find_member(sweep: SweepConfig, dataset: str, latent_dim: int, algorithm: str, seed: int) -> Member:
+    """The declared member with these values.
+
+    Raises:
+        ConfigError: the sweep declares no such member (lists what it declares).
+    """
+    member = Member(dataset, latent_dim, algorithm, seed)
+    declared = members(sweep)
+    if member not in declared:
+        raise ConfigError(f"sweep member {member.name}: not declared by params.yaml's sweep section "
+                          f"(latent_dims {sweep.latent_dims}, algorithms {sweep.algorithms}, seeds {sweep.seeds})")
+    return member
+
+
+def sweep_paths(paths: PathsConfig, member: Member | None = None) -> PathsConfig:
+    """The folders of the sweep's data and, given a member, of its model and reports."""
+    name = member.name if member else "_"
+    return PathsConfig(raw=f"{paths.raw}/sweep", processed=f"{paths.processed}/sweep",
+                       models=f"{paths.models}/sweep/{name}", reports=f"{paths.reports}/sweep/members/{name}")
+
+
+def _params(sweep: SweepConfig, dataset: str, values: dict, paths: PathsConfig) -> Params:
+    merged = Params().to_dict()
+    del merged["sweep"]
+    for section, settings in sweep.settings[dataset].items():
+        merged[section].update(settings)
+    for section, settings in values.items():
+        merged[section].update(settings)
+    merged["paths"] = asdict(paths)
+    merged["profile"] = f"sweep-{sweep.size}"
+    return params_from_dict(merged, source=f"params.yaml sweep.settings.{dataset}")
+
+
+def member_params(sweep: SweepConfig, member: Member, paths: PathsConfig = PathsConfig()) -> Params:
+    """The member's full parameters: :mod:`vae.config`'s defaults, ``sweep.settings[dataset]`` on
+    top, then the member's dataset, latent size, algorithm and seed; paths from :func:`sweep_paths`.
+
+    Raises:
+        ConfigError: the settings give an invalid member (names the key and value).
+    """
+    return _params(sweep, member.dataset, {"data": {"dataset": member.dataset},
+                                           "model": {"latent_dim": member.latent_dim},
+                                           "train": {"algorithm": member.algorithm, "seed": member.seed}},
+                   sweep_paths(paths, member))
+
+
+def data_params(sweep: SweepConfig, dataset: str, paths: PathsConfig = PathsConfig()) -> Params:
+    """Parameters of the ``sweep-data@<dataset>`` stage (only ``data`` and ``paths`` matter)."""
+    return _params(sweep, dataset, {"data": {"dataset": dataset}}, sweep_paths(paths))
+
+
+def sweep_id(sweep: SweepConfig) -> str:
+    """A 12-hex-digit digest of the ``sweep`` section: the MLflow sweep run's identity."""
+    text = json.dumps(asdict(sweep), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def sweep_run(params: Params) -> str | None:
+    """The MLflow run of this sweep declaration (created on first use); None with tracking off.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached.
+    """
+    identity = sweep_id(params.sweep)
+    return tracking.find_or_create_run(
+        EXPERIMENT, SWEEP_TAG, identity, run_name=f"sweep-{params.sweep.size}-{identity}",
+        tags={"sweep_size": params.sweep.size, "members": str(len(members(params.sweep)))})
+
+
+def run_data(params: Params, dataset: str, progress: bool = True) -> dict[str, int]:
+    """Stage ``sweep-data@<dataset>``: download and binarize the dataset into the sweep's folders.
+
+    Raises:
+        ConfigError, DownloadError, DataError: as :func:`vae.stages.download` and :func:`vae.stages.binarize`.
+    """
+    from vae import stages
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"sweep-data: dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    chosen = data_params(params.sweep, dataset, params.paths)
+    stages.download(chosen, progress=progress)
+    return stages.binarize(chosen, progress=progress)
+
+
+def run_member(params: Params, member: Member, progress: bool = True) -> dict:
+    """Stage ``sweep-<dataset>@<latent_dim>-<algorithm>-<seed>``: train and evaluate one member.
+
+    torch runs on ``sweep.threads`` CPU threads, so that the member's numbers do not depend on
+    how many members run beside it. Writes the member's folders (:func:`sweep_paths`) and
+    ``member.json`` (start and end time, host, process, threads).
+
+    Returns:
+        The member's ``metrics.json``.
+
+    Raises:
+        ConfigError: the member is not declared; TrainingError, DataError, TrackingError as the stages.
+    """
+    import torch
+
+    from vae import evaluate, train
+
+    chosen = member_params(params.sweep, member, params.paths)
+    if params.sweep.threads is not None:
+        torch.set_num_threads(params.sweep.threads)
+    reports = Path(chosen.paths.reports)
+    if reports.exists():  # outputs of an earlier run of this member; `dvc repro` removes them itself
+        shutil.rmtree(reports)
+    started = time.time()
+    parent = sweep_run(params)
+    tags = {MEMBER_TAG: member.name, SWEEP_TAG: sweep_id(params.sweep), "seed": str(member.seed)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    train.run(chosen, progress=progress, experiment=EXPERIMENT, run_name=member.name, tags=tags)
+    metrics = evaluate.run(chosen, progress=progress, register=False)
+    write_json(reports / "member.json", {
+        "member": member.name, "stage": member.stage, "dataset": member.dataset, "latent_dim": member.latent_dim,
+        "algorithm": member.algorithm, "seed": member.seed, "host": socket.gethostname(), "pid": os.getpid(),
+        "threads": torch.get_num_threads(), "started": _timestamp(started), "finished": _timestamp(time.time())})
+    return metrics
+
+
+def _timestamp(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+RESULT_COLUMNS = ["member", "dataset", "latent_dim", "algorithm", "seed", "examples_seen", "train_elbo",
+                  "test_elbo", "importance_samples", "test_log_likelihood", "test_log_likelihood_stderr",
+                  "active_units", "train_seconds", "evaluate_seconds", "started", "finished", "host",
+                  "mlflow_run_id"]
+
+
+def read_member(params: Params, member: Member) -> tuple[dict, pd.DataFrame]:
+    """A finished member's row of ``sweep_results.csv`` and its per-pass ELBO curve.
+
+    Raises:
+        DataError: the member has not run (names the missing file and the stage to run).
+    """
+    folder = Path(sweep_paths(params.paths, member).reports)
+    try:
+        metrics = read_json(folder / "metrics.json")
+        summary = read_json(folder / "train_summary.json")
+        record = read_json(folder / "member.json")
+        curve = pd.read_csv(folder / "elbo_curve.csv")
+    except FileNotFoundError as error:
+        raise DataError(f"{error.filename}: missing; run the member first (`uv run dvc repro {member.stage}`)") \
+            from None
+    row = {"member": member.name, "dataset": member.dataset, "latent_dim": member.latent_dim,
+           "algorithm": member.algorithm, "seed": member.seed,
+           **{key: metrics.get(key) for key in RESULT_COLUMNS[5:14] if key in metrics},
+           "started": record["started"], "finished": record["finished"], "host": record["host"],
+           "mlflow_run_id": summary.get("mlflow_run_id")}  # the training run (evaluate may log to its child)
+    return {key: row.get(key) for key in RESULT_COLUMNS}, curve
+
+
+def run_report(params: Params, progress: bool = True) -> dict[str, str]:
+    """Stage ``sweep-report``: the Figure 2 replica and ``sweep_results.csv`` from the declared
+    members; both logged to the sweep's MLflow run, of which every member's run is made a child.
+
+    Raises:
+        DataError: a declared member has not run.
+        TrackingError: the tracking store cannot be reached.
+    """
+    from vae.visualize import RunCurves, lower_bound_sweep
+
+    out = Path(params.paths.reports) / "sweep"
+    rows, curves = [], []
+    for member in members(params.sweep):
+        row, curve = read_member(params, member)
+        rows.append(row)
+        curves.append((member, row, curve))
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    binarization = {dataset: data_params(params.sweep, dataset).data.binarization for dataset in DATASETS}
+    runs = []
+    for (dataset, latent_dim, algorithm), group in _groups(curves):
+        # Seeds share their settings, hence their evaluated passes: the figure shows their mean.
+        frames = [curve.set_index("examples_seen")[["train_elbo", "test_elbo"]] for _, _, curve in group]
+        mean = pd.concat(frames).groupby(level=0).mean().reset_index()
+        runs.append(RunCurves(run_id=None, name=f"{dataset}-z{latent_dim}-{algorithm}", dataset=dataset,
+                              binarization=binarization[dataset], profile=f"sweep-{params.sweep.size}",
+                              latent_dim=latent_dim, curves=mean, algorithm=algorithm))
+    outputs = {"figure": out / "lower_bound_sweep.png", "table": out / "sweep_results.csv"}
+    lower_bound_sweep(runs, outputs["figure"], seeds=len(params.sweep.seeds))
+    write_csv(outputs["table"], table)
+    parent = sweep_run(params)
+    if parent:
+        tracking.complete_parent_run(parent, [row["mlflow_run_id"] for row in rows if row["mlflow_run_id"]],
+                                     artifacts=list(outputs.values()), artifact_path="sweep")
+    print(f"sweep ({params.sweep.size}, {len(rows)} members): {outputs['figure']}, {outputs['table']}"
+          + (f"; MLflow sweep run {parent}" if parent else ""), flush=True)
+    print(table[["member", "examples_seen", "train_elbo", "test_elbo", "test_log_likelihood"]].to_string(index=False),
+          flush=True)
+    return {name: str(path) for name, path in outputs.items()}
+
+
+def _groups(curves: list[tuple[Member, dict, pd.DataFrame]]):
+    groups: dict[tuple, list] = {}
+    for item in curves:
+        member = item[0]
+        groups.setdefault((member.dataset, member.latent_dim, member.algorithm), []).append(item)
+    return groups.items()
