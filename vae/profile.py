@@ -70,10 +70,37 @@ def load_profile(name: str) -> Profile:
                    overrides=raw.get("params") or {})
 
 
-def _flat(values: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}" if isinstance(inner, dict) else section: value
-            for section, inner in values.items()
-            for key, value in (inner.items() if isinstance(inner, dict) else [(None, inner)])}
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}``, nested mappings (the sweep's settings) down to their leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _merge(block: Any, values: dict[str, Any]) -> None:
+    """Make the ruamel mapping ``block`` hold ``values``: keys it lacks added, keys beyond removed,
+    nested mappings merged in place (so their comments and flow style stay), lists in flow style."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    for key in [k for k in block if k not in values]:
+        del block[key]
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if not isinstance(block.get(key), CommentedMap):
+                block[key] = CommentedMap()
+                if not any(isinstance(v, dict) for v in value.values()):
+                    block[key].fa.set_flow_style()
+            _merge(block[key], value)
+            continue
+        if isinstance(value, list):
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
+        if key not in block or block[key] != value:
+            block[key] = value
 
 
 def render(params: Params, template: str | None) -> str:
@@ -81,7 +108,7 @@ def render(params: Params, template: str | None) -> str:
     ``params.yaml``) where it has them; keys ``template`` lacks are added, keys it has beyond
     ``params`` are dropped."""
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.comments import CommentedMap
 
     writer = YAML()  # round-trip: comments survive
     writer.width = 120
@@ -99,15 +126,7 @@ def render(params: Params, template: str | None) -> str:
             continue
         if not isinstance(document.get(section), CommentedMap):
             document[section] = CommentedMap()
-        block = document[section]
-        for key in [k for k in block if k not in values]:
-            del block[key]
-        for key, value in values.items():
-            if isinstance(value, list):
-                value = CommentedSeq(value)
-                value.fa.set_flow_style()
-            if key not in block or block[key] != value:
-                block[key] = value
+        _merge(document[section], values)
     out = io.StringIO()
     writer.dump(document, out)
     return out.getvalue()
