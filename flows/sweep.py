@@ -31,6 +31,7 @@ Run it without any set-up (Prefect's temporary local server)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -143,6 +144,12 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
     logger.info("sweep data: %s", output.splitlines()[-1] if output else "up to date")
     stages = [member.stage for member in declared]
     changed = changed_stages(root, stages)
+    if changed:
+        # Here, before the members start: the sweep's MLflow run, and with it the store's schema on
+        # first use, which two members creating at once would both try to migrate.
+        with contextlib.chdir(root):  # the store the stages use (MLflow's default is relative to the cwd)
+            parent = sweep.sweep_run(params)
+        logger.info("MLflow sweep run: %s", parent or "none (tracking off)")
     commands = member_commands(root, list(changed))
     logger.info("%d of %d members to run: %s", len(changed), len(stages), ", ".join(changed) or "none")
     futures = {stage: run_member.with_options(task_run_name=stage).submit(str(root), stage, commands[stage],
