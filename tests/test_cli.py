@@ -67,8 +67,9 @@ def test_help_lists_every_stage(tmp_path):
     result = run_vae(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     assert tuple(STAGES) == STAGE_NAMES
-    # One entry per stage, in the order they run, then the profile command.
-    assert tuple(re.findall(r"^ {4}(\w+)\b", result.stdout, flags=re.MULTILINE)) == (*STAGE_NAMES, "profile")
+    # One entry per stage, in the order they run, then the sweep's stages and the profile command.
+    assert tuple(re.findall(r"^ {4}([\w-]+)", result.stdout, flags=re.MULTILINE)) == (
+        *STAGE_NAMES, "sweep-data", "sweep-member", "sweep-report", "profile")
     assert "VAE_DATA_MIRROR" in result.stdout
     assert result.stderr == ""
 

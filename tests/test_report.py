@@ -148,3 +148,95 @@ def test_a_rewritten_dvc_lock_alone_is_not_an_uncommitted_change(tmp_path, monke
     assert git_dirty() and not git_dirty(ignore=("dvc.lock",))
     (tmp_path / "params.yaml").write_text("profile: aevb-mnist\n")
     assert git_dirty(ignore=("dvc.lock",))
+
+
+# --------------------------------------------------------------------------- the latent-size sweep
+
+SWEEP_HEADER = ("member,dataset,latent_dim,algorithm,seed,examples_seen,train_elbo,test_elbo,importance_samples,"
+                "test_log_likelihood,test_log_likelihood_stderr,active_units,train_seconds,evaluate_seconds,"
+                "started,finished,host,mlflow_run_id")
+# Written out of order (N_z 20 before 3: a text sort would keep it so); the second member's name is hostile.
+SWEEP_ROWS = (
+    ("mnist-z20-aevb-s0,mnist,20,aevb,0,200000,-105.123,-106.456,100,-101.789,0.2345,12,61.25,4.5,"
+     "2024-05-01T10:00:00.000+00:00,2024-05-01T10:01:05.000+00:00,host-a,"),
+    ("\"<script>alert('z3'),</script>\",mnist,3,aevb,0,200000,-140.5,-141.25,100,-138.004,0.5,3,33.75,2.5,"
+     "2024-05-01T10:00:00.000+00:00,2024-05-01T10:00:40.000+00:00,host-a,run42"),
+)
+
+
+def _write_sweep(reports, rows=SWEEP_ROWS, header=SWEEP_HEADER, figure=PNG_1x1):
+    (reports / "sweep").mkdir(exist_ok=True)
+    (reports / "sweep" / "lower_bound_sweep.png").write_bytes(figure)
+    (reports / "sweep" / "sweep_results.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
+def _rerun(reports):
+    report.run(dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports))), progress=False)
+    return (reports / "report.html").read_text(), (reports / "report.md").read_text()
+
+
+def test_sweep_section_shows_the_figure_and_the_members(written) -> None:
+    reports, _ = written
+    before = (reports / "report.html").read_text().count("data:image/png;base64,")
+    _write_sweep(reports)
+    html, markdown = _rerun(reports)
+    assert html.count("data:image/png;base64,") == before + 1  # the sweep's figure, embedded
+    assert 'alt="Latent-size sweep (cf. AEVB Figure 2)"' in html
+    assert html.index("This run&#39;s training curves") < html.index("Latent-size sweep (cf. AEVB Figure 2)") \
+        < html.index("Provenance</h2>")
+    assert "<h2>5. Provenance</h2>" in html
+    assert "The quick sweep (params.sweep.size) with 2 members" in html and "k = 100 importance samples" in html
+    assert "has not run" not in html
+    for text in (html, markdown):
+        assert "<script>" not in text and "&lt;script&gt;alert(" in text  # the hostile member name, escaped
+        for value in ("-140.50", "-141.25", "-138.00 ± 0.50", "3 of 3", "33.75",
+                      "-105.12", "-106.46", "-101.79 ± 0.23", "12 of 20", "61.25", "200,000"):
+            assert value in text, value
+        assert text.index("-138.00 ± 0.50") < text.index("-101.79 ± 0.23")  # sorted by N_z: 3 before 20
+        assert "200,000 training examples evaluated per member" in text and "not the paper" in text
+    assert "test L\\_100 ± s.e." in markdown
+    assert "![Latent-size sweep (cf. AEVB Figure 2)](sweep/lower_bound_sweep.png)" in markdown
+    assert "## 5. Provenance" in markdown
+
+
+def test_full_sweep_is_called_the_papers_setup(written) -> None:
+    reports, _ = written
+    _write_sweep(reports)
+    params = dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports)))
+    params = dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, size="full"))
+    report.run(params, progress=False)
+    html = (reports / "report.html").read_text()
+    assert "The full sweep (params.sweep.size)" in html and "the paper&#39;s set-up" in html
+    assert "not the paper" not in html
+
+
+def test_report_without_the_sweep_says_how_to_run_it(written) -> None:
+    reports, _ = written
+    html = (reports / "report.html").read_text()
+    markdown = (reports / "report.md").read_text()
+    for text in (html, markdown):
+        assert "Latent-size sweep (cf. AEVB Figure 2)" not in text
+        assert "has not run" in text and "uv run dvc repro sweep-report" in text
+    assert "<h2>4. Provenance</h2>" in html and "## 4. Provenance" in markdown
+
+
+@pytest.mark.parametrize("drop", ["test_log_likelihood_stderr", "latent_dim"])
+def test_sweep_results_without_a_column_are_named(written, drop) -> None:
+    reports, _ = written
+    header = SWEEP_HEADER.split(",")
+    index = header.index(drop)
+    rows = [",".join(v for i, v in enumerate(row.split(",")) if i != index) for row in SWEEP_ROWS[:1]]
+    _write_sweep(reports, rows=rows, header=",".join(h for h in header if h != drop))
+    with pytest.raises(VaeError, match=rf"sweep_results\.csv: missing column {drop} ") as caught:
+        _rerun(reports)
+    assert str(reports / "sweep" / "sweep_results.csv") in str(caught.value)
+
+
+def test_damaged_sweep_results_are_named(written) -> None:
+    reports, _ = written
+    _write_sweep(reports, rows=[SWEEP_ROWS[0].replace("-105.123", "lots")])
+    with pytest.raises(VaeError, match=r"sweep_results\.csv: column train_elbo: 'lots' is not a number"):
+        _rerun(reports)
+    _write_sweep(reports, rows=[])
+    with pytest.raises(VaeError, match=r"sweep_results\.csv: no members"):
+        _rerun(reports)

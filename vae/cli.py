@@ -40,7 +40,8 @@ STAGES = {  # name: (module, function, summary for `vae --help`, description for
                   "Figures: prior samples, reconstructions, latent space, the 2-D manifold "
                   "(latent_dim = 2) and the ELBO curves, into reports/figures."),
     "report": ("vae.report", "run", "write the HTML and Markdown report",
-               "reports/report.html (self-contained) and reports/report.md from the metrics and figures."),
+               "reports/report.html (self-contained) and reports/report.md from the metrics and figures, "
+               "with the latent-size sweep's figure and table (reports/sweep) once sweep-report has run."),
 }
 
 EPILOG = """\

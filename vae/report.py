@@ -1,7 +1,8 @@
 """The ``report`` stage: ``reports/report.html`` (one self-contained file, images embedded) and
 ``reports/report.md``, laid out as a results section: set-up, results beside published numbers
-of the same binarization, figures, provenance. Every value is escaped (HTML by Jinja2's
-autoescape, Markdown by :func:`markdown_escape`), so a parameter holding markup shows as text.
+of the same binarization, figures, the latent-size sweep (:mod:`vae.sweep`) when it has run,
+provenance. Every value is escaped (HTML by Jinja2's autoescape, Markdown by
+:func:`markdown_escape`), so a parameter holding markup shows as text.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import pandas as pd
 import yaml
 
+from vae import sweep as sweep_stage
 from vae import tracking
-from vae.config import Params
+from vae.config import DATASETS, Params
 from vae.errors import VaeError
 from vae.io import read_json, write_text
 from vae.references import comparable
@@ -229,8 +232,145 @@ def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], li
     return figures, rows
 
 
+# Columns of sweep_results.csv (vae.sweep.RESULT_COLUMNS) the sweep section shows; the others (times, host,
+# MLflow run) are the sweep's provenance, not results.
+SWEEP_TEXT_COLUMNS = ("member", "dataset", "algorithm")
+SWEEP_NUMBER_COLUMNS = ("latent_dim", "seed", "examples_seen", "train_elbo", "test_elbo", "importance_samples",
+                        "test_log_likelihood", "test_log_likelihood_stderr", "active_units", "train_seconds")
+SWEEP_FIGURE_TITLE = "Latent-size sweep (cf. AEVB Figure 2)"
+
+
+def read_sweep_results(path: Path) -> pd.DataFrame:
+    """``sweep_results.csv`` of the sweep-report stage, one row per member, sorted by dataset (in
+    ``vae.config.DATASETS``' order, as the figure's panels), latent size, algorithm and seed; text
+    columns as strings, the numeric ones as numbers (an empty cell is NaN).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        VaeError: the file is empty, not CSV, lacks a column the report shows (names the file and
+            every missing column), holds a non-numeric value in a numeric column, or has no row.
+    """
+    redo = "re-run `vae sweep-report`"
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise VaeError(f"{path}: not the CSV file `vae sweep-report` writes ({error}); {redo}") from None
+    missing = [column for column in (*SWEEP_TEXT_COLUMNS, *SWEEP_NUMBER_COLUMNS) if column not in frame.columns]
+    if missing:
+        raise VaeError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                       f"(found: {', '.join(map(str, frame.columns))}); {redo}")
+    if frame.empty:
+        raise VaeError(f"{path}: no members; {redo}")
+    for column in SWEEP_NUMBER_COLUMNS:
+        text = frame[column].str.strip()
+        numbers = pd.to_numeric(text.mask(text == ""), errors="coerce")
+        bad = text[numbers.isna() & (text != "") & (text.str.lower() != "nan")]
+        if not bad.empty:
+            raise VaeError(f"{path}: column {column}: {bad.iloc[0]!r} is not a number; {redo}")
+        frame[column] = numbers
+    order = {dataset: index for index, dataset in enumerate(DATASETS)}
+    frame["_dataset_order"] = frame["dataset"].map(lambda dataset: order.get(dataset, len(order)))
+    frame = frame.sort_values(["_dataset_order", "dataset", "latent_dim", "algorithm", "seed"], kind="stable")
+    return frame.drop(columns="_dataset_order").reset_index(drop=True)
+
+
+def _number(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f}"
+
+
+def _count(value: float) -> str:
+    return "-" if pd.isna(value) else f"{int(value):,}"
+
+
+def _values(column: pd.Series) -> list:
+    return sorted({value for value in column if not pd.isna(value)})
+
+
+def _sweep_rows(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    """The table's rows as the report shows them: (member, dataset, N_z, algorithm, seed, examples
+    evaluated, train ELBO, test ELBO, test L_k ± s.e., active units, train seconds)."""
+    rows = []
+    for row in table.itertuples(index=False):
+        likelihood = _number(row.test_log_likelihood)
+        if not pd.isna(row.test_log_likelihood) and not pd.isna(row.test_log_likelihood_stderr):
+            likelihood += f" ± {row.test_log_likelihood_stderr:.2f}"
+        rows.append((row.member, row.dataset, _count(row.latent_dim), row.algorithm, _count(row.seed),
+                     _count(row.examples_seen), _number(row.train_elbo), _number(row.test_elbo), likelihood,
+                     f"{_count(row.active_units)} of {_count(row.latent_dim)}", _number(row.train_seconds)))
+    return rows
+
+
+def _sweep_note(params: Params, table: pd.DataFrame) -> str:
+    """One sentence under the table: what training the numbers had, and whether they are the paper's."""
+    seen = [int(value) for value in _values(table["examples_seen"])]
+    length = (f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}" if seen
+              else "an unrecorded number of")
+    size = params.sweep.size
+    if size == "full":
+        return (f"Full sweep (params.sweep.size = full): the paper's set-up (Kingma & Welling 2014, Section 5), "
+                f"{length} training examples evaluated per member.")
+    subsets = []
+    for dataset in dict.fromkeys(table["dataset"]):
+        if dataset not in DATASETS or dataset not in params.sweep.settings:
+            continue
+        data = sweep_stage.data_params(params.sweep, dataset).data
+        caps = [f"{data.train_subset:,} training" if data.train_subset else "",
+                f"{data.eval_subset:,} validation and test" if data.eval_subset else ""]
+        if any(caps):
+            subsets.append(f"{dataset} {' and '.join(filter(None, caps))} images")
+    return (f"{size.capitalize()} sweep (params.sweep.size = {size}): short training ({length} training examples "
+            "evaluated per member"
+            + (f") on subsets of the data ({'; '.join(subsets)})" if subsets else ")")
+            + ", so these are not the paper's numbers (its Figure 2 runs to 10^8 examples): they show the trends "
+              "across N_z and algorithms only.")
+
+
+def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
+    """The latent-size sweep's section (:mod:`vae.sweep`) from ``<paths.reports>/sweep``'s
+    ``lower_bound_sweep.png`` and ``sweep_results.csv``: (section, []); or (None, the missing files)
+    when either is missing (``vae report`` run outside ``dvc repro`` before the sweep: the report
+    then says in one line how to run it).
+
+    The section holds the figure (base64 PNG, display width, title, caption, path relative to
+    ``paths.reports``), the table's header of L_k, its rows (sorted as :func:`read_sweep_results`,
+    values formatted as text) and the note on training length.
+
+    Raises:
+        VaeError: the CSV is not as ``vae sweep-report`` writes it (see :func:`read_sweep_results`)
+            or the figure is not a PNG file (names the file).
+    """
+    folder = Path(params.paths.reports) / "sweep"
+    figure_path, table_path = folder / "lower_bound_sweep.png", folder / "sweep_results.csv"
+    missing = [str(path) for path in (figure_path, table_path) if not path.is_file()]
+    if missing:
+        return None, missing
+    table = read_sweep_results(table_path)
+    data = figure_path.read_bytes()
+    try:
+        width = display_width(data)
+    except ValueError:
+        raise VaeError(f"{figure_path}: not a PNG file; re-run `vae sweep-report`") from None
+    ks = [f"{int(k)}" for k in _values(table["importance_samples"])]
+    seeds = len(_values(table["seed"]))
+    caption = ("Lower bound (ELBO, nats per example) against the number of training examples evaluated (log axis), "
+               "one panel per dataset, one colour per latent size N_z: AEVB solid, wake-sleep dashed; train ELBO "
+               "bold, test ELBO pale" + (f"; each curve the mean of {seeds} seeds" if seeds > 1 else "") + ". "
+               f"The {params.sweep.size} sweep (params.sweep.size) with {len(table)} member"
+               f"{'s' if len(table) != 1 else ''}; the table gives each member's final values and the test "
+               f"log-likelihood L_k with k = {', '.join(ks) or '-'} importance samples.")
+    figure = {"title": SWEEP_FIGURE_TITLE, "caption": caption, "path": "sweep/lower_bound_sweep.png",
+              "data": base64.b64encode(data).decode("ascii"), "width": width}
+    likelihood = f"test L_{ks[0]} ± s.e." if len(ks) == 1 else "test L_k ± s.e."
+    return {"figure": figure, "likelihood_header": likelihood, "rows": _sweep_rows(table),
+            "note": _sweep_note(params, table)}, []
+
+
 def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
-    """Everything the templates show, as plain values."""
+    """Everything the templates show, as plain values; the sweep's section from ``<paths.reports>/sweep``.
+
+    Raises:
+        VaeError: a figure, ``figure_runs.json`` or ``sweep_results.csv`` is damaged (names the file).
+    """
     m = metrics
     k = m["importance_samples"]
     gaussian = summary.get("likelihood", "bernoulli") == "gaussian"
@@ -283,6 +423,7 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
     else:
         no_references = "No published numbers use this dataset and binarization."
     figures, figure_runs = _figures(figures_dir, m, params)
+    sweep, sweep_missing = sweep_section(params)
     commit = tracking.git_commit()
     # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
     dirty = tracking.git_dirty(ignore=("dvc.lock",))
@@ -306,12 +447,19 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         "no_references": no_references,
         "our_log_likelihood": f"{m['test_log_likelihood']:.2f}",
         "figures": figures, "provenance": provenance, "figure_runs": figure_runs,
+        "sweep": sweep, "sweep_missing": sweep_missing,
         "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),
     }
 
 
 def run(params: Params, progress: bool = True) -> dict[str, str]:
-    """Stage entry point: write ``report.html`` and ``report.md``; log both to the MLflow run."""
+    """Stage entry point: write ``report.html`` and ``report.md``; log both to the MLflow run (the
+    sweep's figure and table are not logged again: the sweep-report stage logs them to the sweep's run).
+
+    Raises:
+        FileNotFoundError: ``metrics.json`` or ``train_summary.json`` is missing.
+        VaeError: an input is damaged (names the file); TrackingError: the tracking store cannot be reached.
+    """
     paths = params.paths
     metrics = read_json(paths.metrics)
     summary = read_json(paths.train_summary)
@@ -320,6 +468,9 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     outputs = {"html": Path(paths.reports) / "report.html", "md": Path(paths.reports) / "report.md"}
     write_text(outputs["html"], env.get_template("report.html.j2").render(context))
     md_context = {**context, "figures": [{k: v for k, v in f.items() if k != "data"} for f in context["figures"]]}
+    if context["sweep"]:
+        figure = {k: v for k, v in context["sweep"]["figure"].items() if k != "data"}
+        md_context["sweep"] = {**context["sweep"], "figure": figure}
     write_text(outputs["md"], env.get_template("report.md.j2").render(md_context))
     with tracking.resume_run(metrics.get("mlflow_run_id"), "report") as tracker:
         for path in outputs.values():
