@@ -69,7 +69,8 @@ def test_flat_keys():
     assert flat["data.train_subset"] is None
     assert flat["paths.raw"] == "data/raw"
     assert all(key.count(".") == 1 for key in flat)
-    assert {key.split(".")[0] for key in flat} == {"paths", "data", "model", "train", "evaluate", "visualize"}
+    assert {key.split(".")[0] for key in flat} == {"paths", "data", "model", "train", "evaluate", "visualize",
+                                                   "sweep"}
     assert len(flat) == sum(len(dataclasses.fields(getattr(Params(), f.name)))
                             for f in dataclasses.fields(Params) if f.name != "profile")
 
