@@ -386,6 +386,7 @@ def _sweep_settings(self) -> list[str]:
         settings = self.settings.get(dataset)
         if not isinstance(settings, dict):
             continue  # reported by _per_dataset
+        reported = len(problems)
         for section, values in settings.items():
             if section not in SWEEP_SECTIONS:
                 problems.append(f"settings.{dataset}.{section} = {values!r}: unknown section; expected "
@@ -396,18 +397,20 @@ def _sweep_settings(self) -> list[str]:
                 problems.extend(f"settings.{dataset}.{section}.{key} = {values[key]!r}: set by the sweep "
                                 f"(its matrix and {'data.dataset' if key == 'dataset' else 'the member'}); "
                                 "remove it here" for key in SWEEP_FIXED.get(section, ()) if key in values)
-        if problems:
+        if len(problems) > reported:
             continue
+        # A valid latent size stands in for the matrix's (a bad one is _sweep_latent_dims' to report).
+        latent_dim = next((size for size in self.latent_dims.get(dataset, []) if size > 0), 1)
+        failing: dict[str, list[str]] = {}  # problem -> the algorithms it occurs with
         for algorithm in self.algorithms if _sweep_algorithms(self) == [] else ():
-            member = Member(dataset, (self.latent_dims.get(dataset) or [1])[0], algorithm, 0)
             try:
-                member_params(self, member)
+                member_params(self, Member(dataset, latent_dim, algorithm, 0))
             except ConfigError as error:
-                detail = str(error).split(":\n", 1)[-1]
-                problems.extend(f"settings.{dataset}.{line.strip()}" + (f" (with algorithm {algorithm})"
-                                                                        if len(self.algorithms) > 1 else "")
-                                for line in detail.splitlines())
-                break
+                for line in str(error).split(":\n", 1)[-1].splitlines():
+                    failing.setdefault(line.strip(), []).append(algorithm)
+        problems.extend(f"settings.{dataset}.{line}" + ("" if len(algorithms) == len(self.algorithms) else
+                                                         f" (with algorithm {', '.join(algorithms)})")
+                        for line, algorithms in failing.items())
     return problems
 
 

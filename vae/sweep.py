@@ -211,14 +211,14 @@ def read_member(params: Params, member: Member) -> tuple[dict, pd.DataFrame]:
         DataError: the member has not run (names the missing file and the stage to run).
     """
     folder = Path(sweep_paths(params.paths, member).reports)
-    try:
-        metrics = read_json(folder / "metrics.json")
-        summary = read_json(folder / "train_summary.json")
-        record = read_json(folder / "member.json")
-        curve = pd.read_csv(folder / "elbo_curve.csv")
-    except FileNotFoundError as error:
-        raise DataError(f"{error.filename}: missing; run the member first (`uv run dvc repro {member.stage}`)") \
-            from None
+    for name in ("metrics.json", "train_summary.json", "member.json", "elbo_curve.csv"):
+        # read_json's FileNotFoundError carries no filename: name the file here
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name}: missing; run the member first (`uv run dvc repro {member.stage}`)")
+    metrics = read_json(folder / "metrics.json")
+    summary = read_json(folder / "train_summary.json")
+    record = read_json(folder / "member.json")
+    curve = pd.read_csv(folder / "elbo_curve.csv")
     row = {"member": member.name, "dataset": member.dataset, "latent_dim": member.latent_dim,
            "algorithm": member.algorithm, "seed": member.seed,
            **{key: metrics.get(key) for key in RESULT_COLUMNS[5:14] if key in metrics},
