@@ -83,7 +83,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY)
+    pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY, sweep=False)
     root = pipe.root
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()

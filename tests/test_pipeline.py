@@ -31,7 +31,18 @@ SMALL = {
     "evaluate": {"importance_samples": 50, "device": "cpu"},
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
-STAGES = ("download", "binarize", "train", "evaluate", "visualize", "report")
+# The latent-size sweep at its smallest: one tiny Frey Face member (tests/test_sweep_e2e.py runs more).
+ONE_MEMBER_SWEEP = {
+    "algorithms": ["aevb"], "seeds": [0], "latent_dims": {"mnist": [], "frey": [2]}, "threads": 1,
+    "settings": {"mnist": {"data": {"binarization": "dynamic", "train_subset": 600, "eval_subset": 200}},
+                 "frey": {"data": {"binarization": "none"}, "model": {"hidden_dim": 32},
+                          "train": {"epochs": None, "training_samples": 6000, "curve_points": 5, "elbo_eval_size": 500,
+                                    "checkpoint_interval": 0, "device": "cpu"},
+                          "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 200,
+                                       "device": "cpu"}}}}
+SMALL["sweep"] = ONE_MEMBER_SWEEP
+STAGES = ("download", "binarize", "train", "evaluate", "visualize", "sweep-data@mnist", "sweep-data@frey",
+          "sweep-frey@2-aevb-0", "sweep-report", "report")
 # The figures the report shows for this latent_dim = 2 MNIST run (samples.png is the same draws as
 # Figure 5's panel of this run, so the report shows it only without Figure 5).
 FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
@@ -60,6 +71,15 @@ def _set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def _remove_sweep(path: Path) -> None:
+    stages = yaml.safe_load(path.read_text())
+    stages["stages"] = {name: stage for name, stage in stages["stages"].items() if not name.startswith("sweep")}
+    report = stages["stages"]["report"]
+    report["deps"] = [dep for dep in report["deps"] if "/sweep/" not in dep]
+    report["params"] = [name for name in report["params"] if name != "sweep"]
+    path.write_text(yaml.safe_dump(stages, sort_keys=False))
+
+
 class Pipeline:
     """A temporary copy of the repository with its own MLflow store."""
 
@@ -84,13 +104,17 @@ class Pipeline:
         return json.loads((self.root / relative).read_text())
 
     @classmethod
-    def copy_of_repository(cls, factory: pytest.TempPathFactory, params: dict | None = None) -> Pipeline:
+    def copy_of_repository(cls, factory: pytest.TempPathFactory, params: dict | None = None,
+                           sweep: bool = True) -> Pipeline:
         """A committed git copy of this repository (``params`` merged into its params.yaml) with
-        its own MLflow store."""
+        its own MLflow store; ``sweep=False`` removes the latent-size sweep's stages from its
+        dvc.yaml (and the report's dependencies on them), for tests about the rest."""
         root = factory.mktemp("repo")
         _copy_repo(root)
         if params:
             _set_params(root / "params.yaml", params)
+        if not sweep:
+            _remove_sweep(root / "dvc.yaml")
         _git(root, "init", "-q")
         _git(root, "add", "-A")
         _git(root, "commit", "-qm", "test copy")
@@ -170,7 +194,8 @@ def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
 def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
     html = (pipeline.root / "reports/report.html").read_text()
     metrics = pipeline.json("reports/metrics.json")
-    assert html.count("data:image/png;base64,") == len(FIGURES)
+    assert html.count("data:image/png;base64,") == len(FIGURES) + 1  # and the sweep's Figure 2 replica
+    assert "frey-z2-aevb-s0" in html  # the sweep's one member, in its table
     assert "src=\"http" not in html and "src='http" not in html, "report must not need the network"
     assert f"{metrics['test_log_likelihood']:.2f}" in html
     assert "dynamic" in html and "static" not in html.split("Provenance")[0].lower()
@@ -366,11 +391,12 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
     images = re.findall(r"<img\b[^>]*>", dom)
     widths = {re.search(r'alt="([^"]*)"', tag).group(1): int(re.search(r'data-natural-width="(\d+)"', tag).group(1))
               for tag in images}
-    assert len(images) == len(FIGURES) == len(widths), list(widths)
+    assert len(images) == len(FIGURES) + 1 == len(widths), list(widths)  # + the sweep's figure
     assert all(width > 0 for width in widths.values()), widths
     assert "Lower bound during training (cf. AEVB Figure 2)" in widths
     assert "Samples from the prior (cf. AEVB Figure 5)" in widths
     assert "Learned 2-D manifold (cf. AEVB Figure 4)" in widths
+    assert "Latent-size sweep (cf. AEVB Figure 2)" in widths
 
     m = pipeline.json("reports/metrics.json")
     k = m["importance_samples"]

@@ -26,7 +26,7 @@ SHORT = ["train.training_samples=30000", "train.step_size_selection_samples=3000
 def frey(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     if not dataset_mirror():
         pytest.skip("no dataset mirror (set VAE_DATA_MIRROR or place ../shared/datasets beside the repo)")
-    pipe = Pipeline.copy_of_repository(tmp_path_factory)
+    pipe = Pipeline.copy_of_repository(tmp_path_factory, sweep=False)
     root = pipe.root
     switched = subprocess.run([sys.executable, "-m", "vae", "profile", "aevb-frey"], cwd=root, env=pipe.env,
                               capture_output=True, text=True, timeout=120)

@@ -31,7 +31,7 @@ TINY_SWEEP = {"sweep": {
     "size": "quick", "algorithms": ["aevb", "wake-sleep"], "seeds": [0], "latent_dims": {"mnist": [], "frey": [2]},
     "threads": 1,
     "settings": {
-        "mnist": {"data": {"binarization": "dynamic"}},
+        "mnist": {"data": {"binarization": "dynamic", "train_subset": 600, "eval_subset": 200}},
         "frey": {"data": {"binarization": "none"}, "model": {"hidden_dim": 32},
                  "train": {"epochs": None, "training_samples": 30000, "curve_points": 8, "elbo_eval_size": 500,
                            "checkpoint_interval": 0, "device": "cpu"},
