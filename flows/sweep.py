@@ -120,16 +120,18 @@ def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> d
 run_member = task(run_member_fn, name="sweep-member", cache_policy=NO_CACHE)
 
 
-def task_runner(workers: int, threads: int | None, address: str | None):
+def task_runner(workers: int, address: str | None, api_url: str | None = None):
     """prefect-dask's ``DaskTaskRunner``: on the scheduler at ``address``, else on a local cluster of
-    ``workers`` processes with one thread each (each member is a process of its own; ``threads``
-    is what torch uses inside it)."""
+    ``workers`` processes with one thread each (each member is a process of its own, whose torch
+    uses ``sweep.threads`` threads). ``api_url``, the Prefect API this flow reports to, is given to
+    the local workers, which otherwise would each start a temporary Prefect server of their own."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None,
+                                          **({"env": {"PREFECT_API_URL": api_url}} if api_url else {})})
 
 
 def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
@@ -218,7 +220,9 @@ def vae_sweep(workers: int | None = None, address: str | None = None, report: bo
         where = f"the Dask scheduler at {address}" if address else f"a local Dask cluster of {workers} workers"
         print(f"sweep: {count} members on {where}")
         started = time.perf_counter()
-        runner = task_runner(workers, params.sweep.threads, address)
+        from prefect.context import get_run_context
+
+        runner = task_runner(workers, address, str(get_run_context().client.api_url))
         result = sweep_members.with_options(task_runner=runner)(str(root), report)
         result["seconds"] = round(time.perf_counter() - started, 1)
     print(f"sweep: {len(result['ran'])} members ran, {len(result['skipped'])} up to date, in "

@@ -82,7 +82,14 @@ def harness():
 
 def test_stage_order_follows_dvcs_graph(tmp_path) -> None:
     assert pipeline.stage_order(make_repo(tmp_path / "repo")) == ORDER
-    assert pipeline.stage_order(REPO_ROOT) == ["download", "binarize", "train", "evaluate", "visualize", "report"]
+    order = pipeline.stage_order(REPO_ROOT)
+    main = [stage for stage in order if not stage.startswith("sweep")]
+    assert main == ["download", "binarize", "train", "evaluate", "visualize", "report"]
+    members = [stage for stage in order if stage.startswith(("sweep-mnist@", "sweep-frey@"))]
+    assert len(members) == 8
+    for member in members:  # after its data, before the aggregate, which comes before the report
+        data = "sweep-data@" + member.split("@")[0].removeprefix("sweep-")
+        assert order.index(data) < order.index(member) < order.index("sweep-report") < order.index("report")
 
 
 def test_overrides_in_dvc_exp_run_syntax() -> None:
@@ -216,4 +223,5 @@ def test_scheduled_retraining_is_declared_with_a_weekly_cron() -> None:
     for name, entry in deployments.items():
         module, function = entry["entrypoint"].split(":")
         loaded = __import__(module.removesuffix(".py").replace("/", "."), fromlist=[function])
-        assert getattr(loaded, function).name == {"manual": "vae-pipeline", "weekly": "scheduled-retraining"}[name]
+        assert getattr(loaded, function).name == {"manual": "vae-pipeline", "weekly": "scheduled-retraining",
+                                                       "figure2": "vae-sweep"}[name]

@@ -118,10 +118,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             assert process.poll() is not None
 
 
-def test_deploy_registers_both_deployments_in_the_repository(stack: Stack) -> None:
+def test_deploy_registers_the_deployments_in_the_repository(stack: Stack) -> None:
     manual = stack.request("/deployments/name/vae-pipeline/manual")
     weekly = stack.request("/deployments/name/scheduled-retraining/weekly")
-    assert manual["work_pool_name"] == weekly["work_pool_name"] == POOL
+    sweep = stack.request("/deployments/name/vae-sweep/figure2")
+    assert manual["work_pool_name"] == weekly["work_pool_name"] == sweep["work_pool_name"] == POOL
+    assert sweep["entrypoint"] == "flows/sweep.py:vae_sweep"
+    assert {"workers", "address", "report", "set_params"} <= set(sweep["parameter_openapi_schema"]["properties"])
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 3 * * 1"]
     directory = manual["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
     assert Path(directory) == stack.pipe.root  # where `prefect deploy` ran

@@ -78,6 +78,11 @@ def _remove_sweep(path: Path) -> None:
     report["deps"] = [dep for dep in report["deps"] if "/sweep/" not in dep]
     report["params"] = [name for name in report["params"] if name != "sweep"]
     path.write_text(yaml.safe_dump(stages, sort_keys=False))
+    lock_path = path.with_name("dvc.lock")
+    if lock_path.is_file():
+        lock = yaml.safe_load(lock_path.read_text())
+        lock["stages"] = {name: entry for name, entry in lock["stages"].items() if not name.startswith("sweep")}
+        lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
 
 
 class Pipeline:

@@ -2,7 +2,7 @@
 
 - the ``vae-sweep`` flow (``python -m flows sweep``, Prefect's temporary server) on a real local
   Dask cluster of 2 worker processes, in a temporary git copy of the repository;
-- ``dvc repro sweep-report`` of the same members in a twin copy, sequentially, without Prefect.
+- ``dvc repro`` of the same member stages in a twin copy, one after the other, without Prefect.
 
 The members must have run at the same time in the flow (their recorded time spans overlap, in
 different processes), give the same numbers and weights as the sequential run, be recorded so
@@ -64,7 +64,7 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 @pytest.fixture(scope="module")
 def sequential_run(tmp_path_factory: pytest.TempPathFactory, flow_run: Pipeline) -> Pipeline:
     pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY_SWEEP)
-    pipe.output = pipe.dvc("repro", "sweep-report")
+    pipe.output = pipe.dvc("repro", "sweep-frey@2-aevb-0", "sweep-frey@2-wake-sleep-0")  # and their data
     return pipe
 
 
