@@ -40,8 +40,6 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from torchvision.transforms.functional import to_pil_image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from vae import tracking  # noqa: E402
 from vae.config import Params, VisualizeConfig  # noqa: E402
@@ -58,6 +56,10 @@ IMAGE_SHAPE = {"mnist": (28, 28), "frey": (28, 20)}
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
     """Save (N, D) images in [0, 1] as one PNG grid (torchvision ``make_grid``), each pixel upscaled
     to GRID_SCALE x GRID_SCALE, stamped with DPI (a 10-image row of MNIST prints 4 inches wide), atomically."""
+    # torchvision on use: importing it costs seconds (it loads torch._dynamo), which sweep-report does not need.
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
     grid = make_grid(images.reshape(-1, 1, *shape).cpu(), nrow=nrow, padding=2, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0]
     with atomic_path(path) as tmp:
@@ -378,6 +380,8 @@ def prior_samples_by_latent_dim(models: list[tuple[int, VAE]], config: Visualize
         if images.shape[1] != height * width:
             raise ValueError(f"prior_samples_by_latent_dim: the latent_dim {latent_dim} model draws "
                              f"{images.shape[1]} pixels, not {height}x{width}")
+        from torchvision.utils import make_grid
+
         tiles = make_grid(images.reshape(-1, 1, height, width), nrow=config.samples_grid, padding=2, pad_value=1.0)
         axes.imshow(tiles[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         axes.set_title(f"N_z = {latent_dim}" if len(models) > 1
