@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flows.pipeline import vae_pipeline
     from flows.retraining import scheduled_retraining
-    from vae.errors import ConfigError, VaeError
 
     if args.command == "serve":
         from prefect import serve
@@ -70,24 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import vae_sweep
 
-        try:
-            state = vae_sweep(workers=args.workers, address=args.address, report=not args.no_report,
-                              set_params=args.set_param, repo=args.repo, return_state=True)
-            result = state.result()
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except VaeError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"vae-sweep: {state.name}; {len(result['ran'])} members ran, {len(result['skipped'])} up to date "
-              f"in {result['seconds']} s; {result['results']}")
-        return 0
+        return _run(vae_sweep, {"workers": args.workers, "address": args.address, "report": not args.no_report,
+                                "set_params": args.set_param, "repo": args.repo},
+                    lambda r: f"{len(r['ran'])} members ran, {len(r['skipped'])} up to date in {r['seconds']} s; "
+                              f"{r['results']}")
     common = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset,
               "seed": args.seed, "set_params": args.set_param, "repo": args.repo}
     flow = vae_pipeline if args.command == "pipeline" else scheduled_retraining
+    return _run(flow, common, lambda r: f"stages: {r['stages']}")
+
+
+def _run(flow, parameters: dict, summary) -> int:
+    """Run ``flow`` once; print its state and ``summary(result)``. Returns the exit status: 2 for
+    bad parameters, 1 for another of the project's errors (printed without a traceback)."""
+    from vae.errors import ConfigError, VaeError
+
     try:
-        state = flow(**common, return_state=True)
+        state = flow(**parameters, return_state=True)
         result = state.result()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -95,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except VaeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{flow.name}: {state.name}; stages: {result['stages']}")
+    print(f"{flow.name}: {state.name}; {summary(result)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

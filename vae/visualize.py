@@ -227,6 +227,14 @@ def _panel_title(dataset: str, binarization: str) -> str:
     return name if binarization == "none" else f"{name}, {binarization} binarization"
 
 
+def _check_runs(runs: list[RunCurves], figure: str) -> None:
+    if not runs:
+        raise ValueError(f"{figure}: no runs to draw")
+    for run in runs:
+        if run.curves.empty:
+            raise ValueError(f"{figure}: run {run.name} ({run.run_id or 'not tracked'}) has no evaluated pass")
+
+
 def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
     """AEVB Fig. 2: train (solid) and test (dashed) ELBO against training examples evaluated, log
     x-axis from 10^5 (earlier when a run's first evaluated pass comes before), one panel per
@@ -238,11 +246,7 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
     Raises:
         ValueError: ``runs`` is empty or a run has no evaluated pass.
     """
-    if not runs:
-        raise ValueError("lower_bound_runs: no runs to draw")
-    for run in runs:
-        if run.curves.empty:
-            raise ValueError(f"lower_bound_runs: run {run.name} ({run.run_id}) has no evaluated pass")
+    _check_runs(runs, "lower_bound_runs")
     panels: dict[tuple[str, str], list[RunCurves]] = {}
     for run in sorted(runs, key=lambda r: (not r.current, r.dataset, r.binarization)):
         panels.setdefault((run.dataset, run.binarization), []).append(run)
@@ -307,11 +311,7 @@ def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None
     Raises:
         ValueError: ``runs`` is empty or a run has no evaluated pass.
     """
-    if not runs:
-        raise ValueError("lower_bound_sweep: no runs to draw")
-    for run in runs:
-        if run.curves.empty:
-            raise ValueError(f"lower_bound_sweep: {run.name} has no evaluated pass")
+    _check_runs(runs, "lower_bound_sweep")
     panels: dict[str, list[RunCurves]] = {}
     for run in sorted(runs, key=lambda r: (list(DATASET_NAMES).index(r.dataset) if r.dataset in DATASET_NAMES
                                            else len(DATASET_NAMES), r.dataset)):
