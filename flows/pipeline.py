@@ -233,19 +233,30 @@ def run_stage_fn(root: str, stage: str) -> State | dict[str, Any]:
         return Completed(message=f"stage {stage} is up to date", name=SKIPPED, data={"stage": stage, "ran": False})
     reason = _describe(status, stage)
     logger.info("stage %s runs: %s", stage, reason)
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    returncode, _, tail = stream([sys.executable, "-m", "dvc", "repro", "--single-item", stage], path, _stage_env())
+    if returncode != 0:
+        raise StageFailed(f"stage {stage} failed (dvc repro exit {returncode}) in {path}:\n" + "\n".join(tail))
+    return {"stage": stage, "ran": True, "reason": reason}
+
+
+def stream(command: list[str], cwd: Path | str, env: dict[str, str]) -> tuple[int, int, list[str]]:
+    """Run ``command`` in ``cwd``, each line of its output (stdout and stderr; a progress bar's
+    carriage-return updates reduced to their last state) into the current Prefect run's log.
+
+    Returns:
+        (exit status, process id, its last 30 non-empty lines).
+    """
+    logger = get_run_logger()
     tail: list[str] = []
-    with subprocess.Popen(command, cwd=path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=_stage_env(), bufsize=1) as process:
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip("\n").split("\r")[-1].rstrip()
             if line:
                 logger.info("%s", line)
                 tail = (tail + [line])[-30:]
-    if process.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (dvc repro exit {process.returncode}) in {path}:\n" + "\n".join(tail))
-    return {"stage": stage, "ran": True, "reason": reason}
+    return process.returncode, process.pid, tail
 
 
 _COMMON = {"cache_policy": NO_CACHE, "log_prints": True}

@@ -36,7 +36,6 @@ import json
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import (StageFailed, _dvc, _stage_env, overridden_params, overrides_for, repository,
-                            repository_lock)
+                            repository_lock, stream)
 from vae.errors import ConfigError
 
 
@@ -95,25 +94,16 @@ def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> d
     Raises:
         StageFailed: the command failed (the message ends with its last output lines).
     """
-    logger = get_run_logger()
     env = _stage_env()
     if threads is not None:  # also for the BLAS libraries under torch
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     started = time.time()
-    tail: list[str] = []
-    with subprocess.Popen(shlex.split(command) + ["--no-progress"], cwd=root, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env, bufsize=1) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip()
-            if line:
-                logger.info("%s", line)
-                tail = (tail + [line])[-30:]
+    returncode, pid, tail = stream(shlex.split(command) + ["--no-progress"], root, env)
     finished = time.time()
-    if process.returncode != 0:
-        raise StageFailed(f"sweep member {stage} failed (`{command}` exit {process.returncode}) on "
+    if returncode != 0:
+        raise StageFailed(f"sweep member {stage} failed (`{command}` exit {returncode}) on "
                           f"{socket.gethostname()} in {root}:\n" + "\n".join(tail))
-    return {"stage": stage, "host": socket.gethostname(), "pid": process.pid, "started": started,
+    return {"stage": stage, "host": socket.gethostname(), "pid": pid, "started": started,
             "finished": finished, "seconds": round(finished - started, 2)}
 
 

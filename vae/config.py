@@ -414,6 +414,13 @@ def _sweep_settings(self) -> list[str]:
     return problems
 
 
+def _sweep_members(self) -> list[str]:
+    # Latent sizes and settings per dataset, once latent_dims and settings have an entry for each.
+    if _per_dataset("latent_dims")(self) or _per_dataset("settings")(self):
+        return []
+    return _sweep_latent_dims(self) + _sweep_settings(self)
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """The latent-size sweep of AEVB Figure 2 (stages ``sweep-data``, ``sweep-mnist``, ``sweep-frey``,
@@ -448,16 +455,8 @@ class SweepConfig:
                               "device": "cpu"}}})
 
     _checks = (_choice("size", SWEEP_SIZES), _distinct_items("algorithms", "seeds"), _sweep_algorithms,
-               _sweep_seeds, _per_dataset("latent_dims"), _per_dataset("settings"), _positive("threads"))
+               _sweep_seeds, _per_dataset("latent_dims"), _per_dataset("settings"), _positive("threads"), _sweep_members)
 
-
-def _sweep_checks_after_types(self) -> list[str]:
-    if _per_dataset("latent_dims")(self) or _per_dataset("settings")(self):
-        return []
-    return _sweep_latent_dims(self) + _sweep_settings(self)
-
-
-SweepConfig._checks = SweepConfig._checks + (_sweep_checks_after_types,)
 
 PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
 

@@ -186,6 +186,22 @@ def _figure_runs(figures_dir: Path) -> dict[str, list[dict]]:
     return runs
 
 
+def _embedded(path: Path, title: str, caption: str, relative: str, stage: str) -> dict:
+    """A figure as the templates show it: title, caption, path relative to the reports folder,
+    the PNG base64-encoded and its display width.
+
+    Raises:
+        VaeError: the file is not a PNG (names it and the ``stage`` command that writes it).
+    """
+    data = path.read_bytes()
+    try:
+        width = display_width(data)
+    except ValueError:
+        raise VaeError(f"{path}: not a PNG file; re-run `{stage}`") from None
+    return {"title": title, "caption": caption, "path": relative, "data": base64.b64encode(data).decode("ascii"),
+            "width": width}
+
+
 def _run_label(run: dict) -> str:
     return f"N_z = {run.get('latent_dim')}" + (" (this run)" if run.get("current") else "")
 
@@ -215,13 +231,7 @@ def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], li
                             "recorded (labelled validation, not test).")
         if name == "prior_samples_by_latent_dim" and runs.get(name):
             caption += " Shown: " + ", ".join(_run_label(run) for run in runs[name]) + "."
-        data = path.read_bytes()
-        try:
-            width = display_width(data)
-        except ValueError:
-            raise VaeError(f"{path}: not a PNG file; re-run `vae visualize`") from None
-        figures.append({"title": title, "caption": caption, "path": f"figures/{name}.png",
-                        "data": base64.b64encode(data).decode("ascii"), "width": width})
+        figures.append(_embedded(path, title, caption, f"figures/{name}.png", "vae visualize"))
     rows = []
     titles = {"lower_bound_runs": "Fig. 2", "prior_samples_by_latent_dim": "Fig. 5"}
     for name, label in titles.items():
@@ -345,11 +355,6 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
     if missing:
         return None, missing
     table = read_sweep_results(table_path)
-    data = figure_path.read_bytes()
-    try:
-        width = display_width(data)
-    except ValueError:
-        raise VaeError(f"{figure_path}: not a PNG file; re-run `vae sweep-report`") from None
     ks = [f"{int(k)}" for k in _values(table["importance_samples"])]
     seeds = len(_values(table["seed"]))
     caption = ("Lower bound (ELBO, nats per example) against the number of training examples evaluated (log axis), "
@@ -358,8 +363,7 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
                f"The {params.sweep.size} sweep (params.sweep.size) with {len(table)} member"
                f"{'s' if len(table) != 1 else ''}; the table gives each member's final values and the test "
                f"log-likelihood L_k with k = {', '.join(ks) or '-'} importance samples.")
-    figure = {"title": SWEEP_FIGURE_TITLE, "caption": caption, "path": "sweep/lower_bound_sweep.png",
-              "data": base64.b64encode(data).decode("ascii"), "width": width}
+    figure = _embedded(figure_path, SWEEP_FIGURE_TITLE, caption, "sweep/lower_bound_sweep.png", "vae sweep-report")
     likelihood = f"test L_{ks[0]} ± s.e." if len(ks) == 1 else "test L_k ± s.e."
     return {"figure": figure, "likelihood_header": likelihood, "rows": _sweep_rows(table),
             "note": _sweep_note(params, table)}, []

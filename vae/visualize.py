@@ -235,6 +235,20 @@ def _check_runs(runs: list[RunCurves], figure: str) -> None:
             raise ValueError(f"{figure}: run {run.name} ({run.run_id or 'not tracked'}) has no evaluated pass")
 
 
+def _bound_axes(axes: plt.Axes, values: list[pd.Series], margin: float, ylabel: str, dataset: str,
+                binarization: str) -> None:
+    """A Figure 2 panel's y-range (the drawn values, ``margin`` of their span, at least 2 nats, either
+    side), grid, axis labels and title."""
+    joined = pd.concat(values).dropna()
+    low, high = float(joined.min()), float(joined.max())
+    pad = max(2.0, margin * (high - low))
+    axes.set_ylim(low - pad, high + pad)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.set_xlabel("training examples evaluated")
+    axes.set_ylabel(ylabel)
+    axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+
+
 def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
     """AEVB Fig. 2: train (solid) and test (dashed) ELBO against training examples evaluated, log
     x-axis from 10^5 (earlier when a run's first evaluated pass comes before), one panel per
@@ -275,14 +289,7 @@ def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
         axes.set_xscale("log")
         left = min(FIGURE2_FROM, first / 1.5)
         axes.set_xlim(left, max(last * 1.5, 10 * left))  # at least one decade
-        joined = pd.concat(values).dropna()
-        low, high = float(joined.min()), float(joined.max())
-        margin = max(2.0, 0.08 * (high - low))
-        axes.set_ylim(low - margin, high + margin)
-        axes.grid(True, which="both", alpha=0.3)
-        axes.set_xlabel("training examples evaluated")
-        axes.set_ylabel("ELBO (nats per example)")
-        axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+        _bound_axes(axes, values, 0.08, "ELBO (nats per example)", dataset, binarization)
         handles, labels = axes.get_legend_handles_labels()
         kinds = [("-", "train")] + [styles[k] for k in styles if any(r.held_out == k for r in members)]
         for style, kind in kinds:
@@ -330,15 +337,7 @@ def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None
             axes.plot(frame["examples_seen"], frame["test_elbo"], style, color=colour, lw=1.0, alpha=0.5)
             values += [frame["train_elbo"], frame["test_elbo"]]
         axes.set_xscale("log")
-        joined = pd.concat(values).dropna()
-        low, high = float(joined.min()), float(joined.max())
-        margin = max(2.0, 0.05 * (high - low))
-        axes.set_ylim(low - margin, high + margin)
-        axes.grid(True, which="both", alpha=0.3)
-        axes.set_xlabel("training examples evaluated")
-        axes.set_ylabel("lower bound (ELBO, nats per example)")
-        binarization = members[0].binarization
-        axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+        _bound_axes(axes, values, 0.05, "lower bound (ELBO, nats per example)", dataset, members[0].binarization)
         handles = [Line2D([], [], color=colours[size], lw=2.0) for size in sizes]
         labels = [f"N_z = {size}" for size in sizes]
         for algorithm in sorted({r.algorithm for r in members}, key=list(ALGORITHM_STYLES).index):
