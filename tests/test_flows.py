@@ -225,3 +225,34 @@ def test_scheduled_retraining_is_declared_with_a_weekly_cron() -> None:
         loaded = __import__(module.removesuffix(".py").replace("/", "."), fromlist=[function])
         assert getattr(loaded, function).name == {"manual": "vae-pipeline", "weekly": "scheduled-retraining",
                                                        "figure2": "vae-sweep"}[name]
+
+
+def _listening(processes) -> list[tuple[str, str, int]]:
+    import psutil
+
+    found = []
+    for process in processes:
+        try:
+            found += [(process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_servers_the_flows_start_listen_on_loopback_only(harness) -> None:
+    """The temporary Prefect server a flow starts without PREFECT_API_URL (the harness starts the
+    same one) and the sweep's local Dask cluster, workers included, listen on 127.0.0.1 only."""
+    import psutil
+    from distributed import LocalCluster
+
+    from flows.sweep import task_runner
+
+    prefect_side = _listening([psutil.Process(), *psutil.Process().children(recursive=True)])
+    assert prefect_side, "the harness's Prefect server was not found listening"
+    kwargs = task_runner(workers=2, address=None).cluster_kwargs
+    with LocalCluster(**kwargs) as cluster:
+        dask_side = _listening([psutil.Process(), *psutil.Process().children(recursive=True)])
+        assert len(cluster.workers) == 2
+    assert len(dask_side) >= len(prefect_side) + 3, dask_side  # the scheduler and two workers at least
+    assert {ip for _, ip, _ in dask_side} <= {"127.0.0.1", "::1"}, dask_side

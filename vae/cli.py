@@ -8,10 +8,12 @@ a traceback and exit with status 1 (2 for bad parameters or usage).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from vae import __version__
 from vae.errors import ConfigError, VaeError
@@ -145,8 +147,42 @@ def sweep_command(args: argparse.Namespace, params, progress: bool) -> None:
         sweep.run_report(params, progress=progress)
 
 
+class MaskedStream:
+    """A text stream that writes through to ``stream`` with URL credentials masked
+    (:func:`vae.tracking.masked`): libraries print the tracking URI too (MLflow writes
+    "View run ... at: <tracking URI>/#/..." to stdout whenever a run ends)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from vae.tracking import masked
+
+        self._stream.write(masked(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def masked_output() -> Iterator[None]:
+    """Route ``sys.stdout`` and ``sys.stderr`` through :class:`MaskedStream` for the block."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout), MaskedStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one stage. Returns the process exit status."""
+    with masked_output():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

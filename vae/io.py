@@ -2,17 +2,25 @@
 
 Every output goes to a temporary file in the destination's folder and is renamed over the final
 path only once it is complete (``os.replace`` is atomic on POSIX within one file system).
+
+A process killed with SIGKILL cannot delete its temporary file. Its name holds the writer's
+process id (``.<name>.<pid>.<random>.tmp``), and the next write of the same file deletes the
+temporaries whose writer is gone, so interrupted runs do not leave them piling up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
 
 
 def _umask() -> int:
@@ -21,15 +29,41 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries of ``path`` (``.<name>.<pid>.<random>.tmp`` beside it) whose writing
+    process no longer runs, e.g. one killed with SIGKILL mid-write. Returns the paths deleted."""
+    final = Path(path)
+    removed = []
+    for candidate in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        match = TEMPORARY.fullmatch(candidate.name)
+        if match and match["name"] == final.name and not _alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
 
-    Use it for writers that want a file name (``torch.save``, ``Figure.savefig``).
+    Use it for writers that want a file name (``torch.save``, ``Figure.savefig``). Temporaries
+    of ``path`` left by killed writers are deleted first (:func:`remove_stale_temporaries`).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale_temporaries(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the final file the usual mode

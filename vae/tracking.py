@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import logging
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -64,10 +67,16 @@ def store_uri(root: str | Path | None = None) -> str:
             or f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}")
 
 
+def masked(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``scheme://user:password@host``) replaced
+    by ``***``, so that it can go into logs, errors and reports."""
+    return re.sub(r"//[^/@\s'\"]*@", "//***@", text)
+
+
 def tracking_uri() -> str:
-    """The tracking URI in use (:func:`store_uri`), with credentials (``user:password@``) masked,
+    """The tracking URI in use (:func:`store_uri`), with credentials masked (:func:`masked`),
     so it can go into reports and logs."""
-    return re.sub(r"//[^/@]*@", "//***@", store_uri())
+    return masked(store_uri())
 
 
 class Tracker:
@@ -110,10 +119,16 @@ class Tracker:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_model(self, model: Any, registered_model_name: str, tags: Mapping[str, Any]) -> str:
-        """Log ``model`` to the run and register it as a new version of ``registered_model_name``.
+        """Log ``model`` to the run and register it as a new version of ``registered_model_name``
+        carrying ``tags``. Returns the version number.
 
-        When this run already registered a version (the stage re-ran), that version's tags are
-        updated instead of adding a duplicate. Returns the version number.
+        The version is created with its tags in one registry request, so a store that fails or
+        refuses part-way leaves either no version of this run or a complete one, never a version
+        without its tags. When this run already registered a version (the stage re-ran), that
+        version's tags are updated instead of adding a duplicate.
+
+        Raises:
+            TrackingError: the store cannot be reached or refuses a request (names the URI).
         """
         import mlflow
         import mlflow.pytorch
@@ -131,8 +146,9 @@ class Tracker:
                     mlflow.pytorch.log_model, model, name="model", serialization_format="pickle",
                     code_paths=[str(package_dir)],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            registered = self._call(mlflow.register_model, info.model_uri, registered_model_name)
-            version = str(registered.version)
+            registered = self._call(mlflow.register_model, info.model_uri, registered_model_name,
+                                    tags={key: str(value) for key, value in tags.items()})
+            return str(registered.version)
         for key, value in tags.items():
             self._call(self.client.set_model_version_tag, registered_model_name, version, key, str(value))
         return version
@@ -155,14 +171,47 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
-def _client() -> tuple[Any, str]:
+_READY: set[str] = set()
+
+
+def _open_client(uri: str, **kwargs: Any) -> Any:
+    """An ``MlflowClient`` on the store at ``uri`` (``kwargs``: e.g. ``registry_uri``).
+
+    MLflow creates (or upgrades) a SQLite store's schema when a process first opens it; two
+    processes doing so at once both run the migration and fail (``table ... already exists``).
+    So each process opens a SQLite store the first time under an exclusive lock (a file in the
+    temporary folder named after the database's path, released if the process dies), and the
+    others wait for it. Other stores are opened directly.
+
+    Raises:
+        TrackingError: mlflow is not installed, or the store cannot be opened (names the URI).
+    """
     try:
-        import mlflow
         from mlflow import MlflowClient
     except ImportError as error:
         raise TrackingError(f"mlflow is not installed ({error}); install it or set {TRACKING_ENV}=off") from None
+    if uri in _READY or not uri.startswith("sqlite:"):
+        return _read(uri, MlflowClient, tracking_uri=uri, **kwargs)
+    database = uri.split("///", 1)[-1].split("?", 1)[0]
+    digest = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"vae-mlflow-{digest}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            client = _read(uri, MlflowClient, tracking_uri=uri, **kwargs)
+            _read(uri, client.search_registered_models, max_results=1)  # the registry's tables too
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return client
+
+
+def _client() -> tuple[Any, str]:
+    try:
+        import mlflow
+    except ImportError as error:
+        raise TrackingError(f"mlflow is not installed ({error}); install it or set {TRACKING_ENV}=off") from None
     uri = mlflow.get_tracking_uri()
-    return MlflowClient(tracking_uri=uri), uri
+    return _open_client(uri), uri
 
 
 def client_for(root: str | Path) -> Any:
@@ -170,14 +219,10 @@ def client_for(root: str | Path) -> Any:
     (:func:`store_uri` of ``root``, where ``dvc repro`` runs the stages).
 
     Raises:
-        TrackingError: mlflow is not installed.
+        TrackingError: mlflow is not installed, or the store cannot be opened.
     """
-    try:
-        from mlflow import MlflowClient
-    except ImportError as error:
-        raise TrackingError(f"mlflow is not installed ({error})") from None
     uri = store_uri(root)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _open_client(uri, registry_uri=uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +244,7 @@ def _read(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return function(*args, **kwargs)
     except Exception as error:  # MlflowException, connection and database errors alike
-        raise TrackingError(f"MLflow tracking at {uri} failed in {function.__name__}: {error}") from error
+        raise TrackingError(masked(f"MLflow tracking at {uri} failed in {function.__name__}: {error}")) from error
 
 
 def trained_runs(experiment_prefix: str = "vae-", limit: int = 1000) -> list[TrainedRun]:
@@ -321,7 +366,7 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
             client.get_run(resume_run_id)
             tracker.run_id = resume_run_id
         except Exception:  # deleted, or another store: start a new run
-            print(f"MLflow: run {resume_run_id} of the interrupted training is not in {uri}; "
+            print(f"MLflow: run {resume_run_id} of the interrupted training is not in {masked(uri)}; "
                   "starting a new run", file=sys.stderr)
     if tracker.run_id:
         with _run_status(tracker, stage):
@@ -368,11 +413,11 @@ def resume_run(run_id: str | None, stage: str,
         from mlflow.exceptions import MlflowException
 
         if isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            print(f"WARNING: MLflow run {run_id} is not in {uri}; the {stage} stage logs nothing "
+            print(f"WARNING: MLflow run {run_id} is not in {masked(uri)}; the {stage} stage logs nothing "
                   "(re-run `vae train` to start a new run)", file=sys.stderr)
             yield NullTracker()
             return
-        raise TrackingError(f"MLflow tracking at {uri} failed in get_run: {error}") from error
+        raise TrackingError(masked(f"MLflow tracking at {uri} failed in get_run: {error}")) from error
     params = {key: str(value) for key, value in (params or {}).items()}
     held = run.data.params
     if any(key in held and held[key] != value for key, value in params.items()):
@@ -401,4 +446,4 @@ def _run_status(tracker: Tracker, stage: str) -> Iterator[Tracker]:
             tracker.client.set_terminated(tracker.run_id, status="FAILED")
         raise
     tracker._call(tracker.client.set_terminated, tracker.run_id, status="FINISHED")
-    print(f"MLflow: {stage} logged to run {tracker.run_id} at {tracker.uri}", flush=True)
+    print(f"MLflow: {stage} logged to run {tracker.run_id} at {masked(tracker.uri)}", flush=True)

@@ -272,9 +272,6 @@ class ResumableState:
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none usable (the reason is printed)."""
-        # A kill during a write leaves a temporary beside the file (never the file itself half-written).
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
         if not self.path.is_file():
             return None
         try:
