@@ -389,7 +389,7 @@ def _sweep_settings(self) -> list[str]:
         reported = len(problems)
         for section, values in settings.items():
             if section not in SWEEP_SECTIONS:
-                problems.append(f"settings.{dataset}.{section} = {values!r}: unknown section; expected "
+                problems.append(f"settings.{dataset}.{_key_text(section)} = {values!r}: unknown section; expected "
                                 f"{', '.join(SWEEP_SECTIONS)}")
             elif not isinstance(values, dict):
                 problems.append(f"settings.{dataset}.{section} = {values!r}: expected a mapping of keys to values")
@@ -459,6 +459,7 @@ class SweepConfig:
 
 
 PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
+INTEGER_LIMIT = 2**63  # every integer parameter must fit in 64 bits (torch's and numpy's integers)
 
 
 @dataclass(frozen=True)
@@ -527,22 +528,73 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return value
     if isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.0, annotation) \
             and not _type_ok(True, annotation):  # int for a float (or float | None) field
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # beyond a float's range: the type check reports it
+            return value
     return value
 
 
-def _unknown(key: str, known: list[str], kind: str = "key") -> str:
+def _unknown(key: Any, known: list[str], kind: str = "key") -> str:
+    if not isinstance(key, str):  # YAML reads a key written 1, null or true as int, None, bool
+        return f"{_key_text(key)}: unknown {kind}, not a name ({type(key).__name__}); allowed {kind}s: {', '.join(known)}"
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{key}: unknown {kind}{hint}; allowed {kind}s: {', '.join(known)}"
+    return f"{_key_text(key)}: unknown {kind}{hint}; allowed {kind}s: {', '.join(known)}"
+
+
+def _integer_text(value: int) -> str:
+    # Python refuses to print an integer of over 4300 digits; no message may depend on it.
+    return repr(value) if value.bit_length() <= 128 else f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+
+
+def _key_text(key: Any) -> str:
+    """A key as messages name it: a printable name as it is, else (empty, blank at either end,
+    a line break, not a string) its repr, on one line."""
+    if isinstance(key, str) and key and key.isprintable() and key == key.strip():
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return _integer_text(key)
+    try:
+        return repr(key)
+    except (ValueError, RecursionError):
+        return f"<a {type(key).__name__} key>"
+
+
+def _oversized_integers(raw: Any) -> list[str]:
+    """One problem per integer of more than 64 bits anywhere in ``raw`` (values, list items, keys),
+    named by its path: torch and numpy take no larger integer, and one of over 4300 digits cannot
+    even be printed in a message."""
+    problems: list[str] = []
+    stack: list[tuple[str, Any]] = [("", raw)]
+    seen: set[int] = set()  # YAML anchors can make a list that contains itself
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -INTEGER_LIMIT <= value < INTEGER_LIMIT:
+                problems.append(f"{where or 'the file'} = {_integer_text(value)}: expected an integer "
+                                "from -2**63 to 2**63 - 1")
+            continue
+        if not isinstance(value, (dict, list, tuple, set, frozenset)) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        children = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{_key_text(key)}" if where else _key_text(key)
+                children += [(f"{name} (the key)", key), (name, item)]
+        else:
+            children = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+        stack.extend(reversed(children))
+    return problems
 
 
 def _build_section(cls: type, section: str, raw: Any, source: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: section {section!r} must be a mapping of keys to values, "
-                          f"got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{source}: invalid parameters:\n  {section} = {raw!r}: section {section!r} must be "
+                          f"a mapping of keys to values, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     problems = [_unknown(key, list(fields)) for key in raw if key not in fields]
@@ -570,12 +622,16 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     """Build and validate :class:`Params` from a nested mapping.
 
     Raises:
-        ConfigError: naming every bad section, key or value at once.
+        ConfigError: naming every bad section, key or value at once (an integer of more than 64
+            bits, anywhere, is reported alone, before the rest is checked).
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    oversized = _oversized_integers(raw)
+    if oversized:
+        raise ConfigError(f"{source}: invalid parameters:\n" + "\n".join(f"  {problem}" for problem in oversized))
     sections = {f.name: f for f in dataclasses.fields(Params) if f.name != "profile"}
     unknown = [key for key in raw if key not in sections and key != "profile"]
     if unknown:
@@ -607,16 +663,49 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``.
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML, or holds a bad section, key or value.
+        ConfigError: naming the file: it is missing or unreadable (e.g. a folder), is not UTF-8
+            text, is not valid YAML (PyYAML's own errors, and the values it cannot build: a date
+            such as 2001-13-01, ``!!int abc``, an integer of over 4300 digits, nesting deeper than
+            Python's recursion limit), or holds a bad section, key or value.
+    """
+    path = Path(path)
+    return params_from_dict(parse_yaml(read_params_text(path), path), source=str(path))
+
+
+def read_params_text(path: str | Path) -> str:
+    """The UTF-8 text of a parameters file, line ends read as ``\\n`` (as ``Path.read_text`` does).
+
+    Raises:
+        ConfigError: the file is missing, cannot be read, or is not UTF-8 (the message gives the
+            first offending byte, its line and offset).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: parameters file not found (run from the repository root "
                           "or pass --params)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the parameters file ({error.strerror or error})") from None
     try:
-        raw = yaml.safe_load(text)
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{content[error.start]:02x} on line {line}, "
+                          f"offset {error.start}); the parameters file must be YAML encoded as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """``yaml.safe_load(text)`` for the parameters file ``path`` (named in errors).
+
+    Raises:
+        ConfigError: the text is not valid YAML, or holds a value PyYAML cannot build.
+    """
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return params_from_dict(raw, source=str(path))
+    except Exception as error:  # safe_load runs no code, so any error is the text's: PyYAML's
+        # constructors let ValueError, AttributeError, RecursionError... through
+        raise ConfigError(f"{path}: not valid YAML: {type(error).__name__}: {error}") from None

@@ -3,6 +3,20 @@
 The CLI prints these without a traceback and exits non-zero; anything else is a bug.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message about a damaged file: shortened to ``limit``
+    characters, and never failing (Python refuses to print an integer of over 4300 digits)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class VaeError(Exception):
     """Base class of the project's own, user-facing errors."""

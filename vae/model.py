@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vae import objectives
-from vae.errors import CheckpointError
+from vae.errors import CheckpointError, shown
 from vae.io import atomic_open
 
 CHECKPOINT_FORMAT = "vae-pipeline/checkpoint"
@@ -241,11 +241,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as error:  # pickle, zip and weights-only errors differ across torch versions
         raise CheckpointError(f"{path}: not a checkpoint of this project "
                               f"(torch.load with weights_only=True failed: {error})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    marker = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(marker, str) or marker != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project "
                               f"(expected format {CHECKPOINT_FORMAT!r})")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {payload.get('format_version')!r}, "
+    version = payload.get("format_version")  # compared as an int: a tensor's == gives a tensor
+    if type(version) is not int or version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {shown(version)}, "
                               f"this code reads version {CHECKPOINT_VERSION}")
     return payload
 
@@ -262,9 +264,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
             weights do not fit the architecture it declares. Nothing in it is executed.
     """
     payload = read_checkpoint(path)
+    config, state = payload.get("model_config"), payload.get("state_dict")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint (model_config and state_dict must be mappings, "
+                              f"got {type(config).__name__} and {type(state).__name__})")
     try:
-        model = VAE(**payload["model_config"])
-        model.load_state_dict(payload["state_dict"])
+        # The architecture is built without memory first: a damaged size (hidden_dim 2**20, say)
+        # must not allocate gigabytes before the weights are found not to fit it.
+        with torch.device("meta"):
+            expected = {key: tuple(value.shape) for key, value in VAE(**config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise CheckpointError(f"{path}: damaged checkpoint (model_config: {error})") from None
+    found = {key: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+             for key, value in state.items()}
+    wrong = [key for key in {**expected, **found} if found.get(key) != expected.get(key)]
+    if wrong:
+        raise CheckpointError(f"{path}: damaged checkpoint (the weights do not fit its model_config: "
+                              + "; ".join(f"{shown(key)} is {found.get(key, 'missing')}, expected "
+                                          f"{expected.get(key, 'no such weight')}" for key in wrong[:4]) + ")")
+    try:
+        model = VAE(**config)
+        model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None
     return model.to(device).eval()

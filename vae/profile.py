@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vae.config import Params, params_from_dict
+from vae.config import Params, params_from_dict, parse_yaml, read_params_text
 from vae.errors import ConfigError
 from vae.io import write_text
 
@@ -139,15 +139,16 @@ def apply(name: str, path: str | Path = "params.yaml") -> dict[str, tuple[Any, A
         ``{"section.key": (old value, new value)}`` for every value that changed.
 
     Raises:
-        ConfigError: unknown or malformed profile, or ``path`` is not valid YAML.
+        ConfigError: unknown or malformed profile, or ``path`` is unreadable, not UTF-8 or not
+            valid YAML.
     """
     path = Path(path)
     params = load_profile(name).params()
-    template = path.read_text(encoding="utf-8") if path.is_file() else None
+    template = read_params_text(path) if path.is_file() else None
     try:
-        old = yaml.safe_load(template) if template else {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error}); fix or delete it first") from None
+        old = parse_yaml(template, path) if template else {}
+    except ConfigError as error:
+        raise ConfigError(f"{error}; fix or delete it first") from None
     old_flat = _flat(old if isinstance(old, dict) else {})
     text = render(params, template)
     if params_from_dict(yaml.safe_load(text), str(path)) != params:  # never write what does not read back

@@ -13,6 +13,7 @@ intensity / 256 (:meth:`vae.data.splits.Split.values`). There are no labels: all
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,18 @@ PIXELS = HEIGHT * WIDTH  # 560
 COUNT = 1965
 TEST_SIZE = 200  # used when data.test_size is null
 VALIDATION_SIZE = 200  # used when data.validation_size is null
+# MATLAB classes that scipy reads into an array sized by the data the file holds (cells, structs
+# and objects are allocated from the dimensions their header claims, before any element is read).
+NUMERIC_CLASSES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "single",
+                   "double", "logical")
 
 
 def read_frey(path: Path) -> torch.Tensor:
     """Read the Frey Face MATLAB file (variable ``ff``, uint8, shape (560, N)).
+
+    The variables' headers are listed first (``scipy.io.whosmat``) and only ``ff`` is read, and
+    only when its header declares a numeric array: a damaged header claiming a cell or struct
+    array of billions of elements would otherwise have scipy allocate them before it fails.
 
     Returns:
         uint8 tensor of shape (N, 560) (1965 for the real file): row i is face i, 28 rows x 20
@@ -41,23 +50,35 @@ def read_frey(path: Path) -> torch.Tensor:
     Raises:
         DataError, naming the file: it is missing (``run `vae download` first``), not a MATLAB
             file scipy can read (e.g. random bytes, truncated, MATLAB v7.3), has no variable ``ff``
-            (the message lists the variables found), or ``ff`` is not uint8 of shape (560, N).
+            (the message lists the variables found), or ``ff`` is not uint8 of shape (560, N)
+            (the message says what it is).
     """
-    from scipy.io import loadmat
+    from scipy.io import loadmat, whosmat
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (run `vae download` first)")
+    expected = f"expected uint8 of shape ({PIXELS}, N) (one {HEIGHT}x{WIDTH} face per column)"
     try:
-        content = loadmat(path)
-    except Exception as error:  # scipy raises ValueError, MatReadError, NotImplementedError (v7.3), ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns of duplicated and unreadable variables
+            declared = whosmat(path)
+            headers = [(shape, kind) for name, shape, kind in declared if name == VARIABLE]
+            if headers and headers[0][1] not in NUMERIC_CLASSES:
+                shape, kind = headers[0]
+                raise DataError(f"{path}: variable {VARIABLE!r} is a MATLAB {kind} array of shape "
+                                f"{tuple(shape)}, {expected}")
+            content = loadmat(path, variable_names=[VARIABLE]) if headers else {}
+    except DataError:
+        raise
+    except Exception as error:  # scipy raises ValueError, TypeError, OSError, MatReadError, zlib.error,
+        # NotImplementedError (v7.3), MemoryError, ... for a damaged or foreign file
         raise DataError(f"{path}: not a readable MATLAB file ({type(error).__name__}: {error})") from None
-    variables = sorted(name for name in content if not name.startswith("__"))
     if VARIABLE not in content:
+        variables = sorted({name for name, _, _ in declared if not name.startswith("__")})
         raise DataError(f"{path}: no variable {VARIABLE!r}; found "
                         f"{', '.join(repr(name) for name in variables) or 'none'}")
     faces = content[VARIABLE]
-    expected = f"expected uint8 of shape ({PIXELS}, N) (one {HEIGHT}x{WIDTH} face per column)"
     if not isinstance(faces, np.ndarray) or faces.dtype != np.uint8 or faces.ndim != 2 \
             or faces.shape[0] != PIXELS or faces.shape[1] == 0:
         found = (f"{faces.dtype} of shape {faces.shape}" if isinstance(faces, np.ndarray)

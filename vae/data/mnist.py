@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from vae.config import DataConfig
 from vae.data.splits import Split, save_splits, take_subsets
@@ -31,8 +31,9 @@ FILES = {
 }
 
 
-def _check_idx_header(path: Path, magic: int, dims: tuple[int, ...]) -> None:
-    """Validate an IDX file's magic number, dimensions and length before parsing it."""
+def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
+    """Validate an IDX file's magic number, dimensions and length, then read its uint8 payload
+    (shape ``dims``; an empty one too, which torchvision's reader rejects)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (run `vae download` first)")
     size = path.stat().st_size
@@ -49,6 +50,7 @@ def _check_idx_header(path: Path, magic: int, dims: tuple[int, ...]) -> None:
     expected_size = header_bytes + int(torch.tensor(dims).prod())
     if size != expected_size:
         raise DataError(f"{path}: {size} bytes, expected {expected_size} for dimensions {dims}")
+    return np.fromfile(path, dtype=np.uint8, offset=header_bytes).reshape(dims)
 
 
 def read_idx_images(path: Path, count: int) -> torch.Tensor:
@@ -57,8 +59,8 @@ def read_idx_images(path: Path, count: int) -> torch.Tensor:
     Raises:
         DataError: missing file, wrong magic number, dimensions or length.
     """
-    _check_idx_header(path, IMAGE_MAGIC, (count, IMAGE_SIDE, IMAGE_SIDE))
-    return read_image_file(str(path)).reshape(count, IMAGE_SIDE * IMAGE_SIDE)
+    images = _read_idx(path, IMAGE_MAGIC, (count, IMAGE_SIDE, IMAGE_SIDE))
+    return torch.from_numpy(images.reshape(count, IMAGE_SIDE * IMAGE_SIDE))
 
 
 def read_idx_labels(path: Path, count: int) -> torch.Tensor:
@@ -67,11 +69,10 @@ def read_idx_labels(path: Path, count: int) -> torch.Tensor:
     Raises:
         DataError: missing file, wrong magic number, length, or a label outside 0..9.
     """
-    _check_idx_header(path, LABEL_MAGIC, (count,))
-    labels = read_label_file(str(path))
-    if labels.numel() and int(labels.max()) > 9:
+    labels = _read_idx(path, LABEL_MAGIC, (count,))
+    if labels.size and int(labels.max()) > 9:
         raise DataError(f"{path}: label {int(labels.max())} found, expected digits 0..9")
-    return labels
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vae.errors import DataError
+from vae.errors import DataError, shown
 from vae.io import atomic_open
 
 SPLITS = ("train", "valid", "test")
@@ -83,7 +83,9 @@ def load_split(path: str | Path) -> Split:
     """Read a split written by :meth:`Split.save`.
 
     Raises:
-        DataError: the file is missing or is not a processed split of this project.
+        DataError: the file is missing or is not a processed split of this project (unreadable,
+            missing keys, images not uint8 (N, D), labels not (N,), ``binary`` not a bool,
+            ``binarization`` not one of :data:`BINARIZATIONS`).
     """
     path = Path(path)
     if not path.is_file():
@@ -101,11 +103,12 @@ def load_split(path: str | Path) -> Split:
     if images.dtype != torch.uint8 or images.ndim != 2 or labels.shape != images.shape[:1]:
         raise DataError(f"{path}: expected uint8 images of shape (N, D) and N labels, "
                         f"got images {tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}")
-    if raw["binarization"] not in BINARIZATIONS:
-        raise DataError(f"{path}: binarization {raw['binarization']!r}, expected one of "
-                        f"{', '.join(BINARIZATIONS)}")
-    return Split(images=images, labels=labels, binary=bool(raw["binary"]),
-                 binarization=str(raw["binarization"]))
+    binary, binarization = raw["binary"], raw["binarization"]
+    if not isinstance(binarization, str) or binarization not in BINARIZATIONS:
+        raise DataError(f"{path}: binarization {shown(binarization)}, expected one of {', '.join(BINARIZATIONS)}")
+    if not isinstance(binary, bool):  # bool() of a tensor of several values raises; of "no" is True
+        raise DataError(f"{path}: binary {shown(binary)}, expected true or false")
+    return Split(images=images, labels=labels, binary=binary, binarization=binarization)
 
 
 def load_splits(folder: str | Path) -> dict[str, Split]:
