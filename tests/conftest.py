@@ -54,3 +54,13 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def interrupted_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The pipeline on tests/test_pipeline.py's small settings, in a temporary git copy of the
+    repository, run to the end through a kill -9 of each stage (tests/test_interruptions.py).
+    Shared by both modules: one pipeline run instead of two."""
+    from test_interruptions import run_interrupted
+
+    return run_interrupted(tmp_path_factory)

@@ -13,8 +13,9 @@ import hashlib
 import os
 import random
 import re
+import socket
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,71 @@ def test_mnist_checksums_match_the_shared_mirror_readme():
     assert table, f"{readme}: no sha256 table found"
     for remote in MNIST.files:
         assert table.get(remote.local_name) == remote.sha256, remote.name
+
+
+# --------------------------------------------------------------------------- unreachable and cut-off servers
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:  # bound, then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+class _CutOff(BaseHTTPRequestHandler):
+    """Announces the whole file's Content-Length, sends half of it, and closes the connection."""
+
+    content = b""
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.content)))
+        self.end_headers()
+        self.wfile.write(self.content[: len(self.content) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture
+def cut_off_server():
+    handler = type("Handler", (_CutOff,), {"content": gz(DATA, level=0)})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_falls_back_past_an_unreachable_mirror(tmp_path):
+    unreachable = _closed_port_url()
+    good = folder_url(publish(tmp_path / "good", "x.gz", gz(DATA)).parent)
+    destination = tmp_path / "out" / "x"
+    assert fetch_file(REMOTE, [unreachable, good], destination, progress=False) == good + "x.gz"
+    assert destination.read_bytes() == DATA
+
+
+def test_an_unreachable_mirror_alone_is_a_clear_error(tmp_path):
+    unreachable = _closed_port_url()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DownloadError) as caught:
+        fetch_file(REMOTE, [unreachable], tmp_path / "out" / "x", progress=False)
+    assert unreachable + "x.gz" in str(caught.value) and "refused" in str(caught.value).lower()
+    assert listing(tmp_path / "out") == []
+
+
+def test_a_connection_cut_mid_file_falls_back_and_leaves_nothing(tmp_path, cut_off_server):
+    good = folder_url(publish(tmp_path / "good", "x.gz", gz(DATA)).parent)
+    destination = tmp_path / "out" / "x"
+    assert fetch_file(REMOTE, [cut_off_server, good], destination, progress=False) == good + "x.gz"
+    assert destination.read_bytes() == DATA
+    assert listing(destination.parent) == ["x"]
+
+    (tmp_path / "alone").mkdir()
+    with pytest.raises(DownloadError) as caught:
+        fetch_file(REMOTE, [cut_off_server], tmp_path / "alone" / "x", progress=False)
+    assert cut_off_server + "x.gz" in str(caught.value) and "closed after 3" in str(caught.value)
+    assert listing(tmp_path / "alone") == []

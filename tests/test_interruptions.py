@@ -14,12 +14,12 @@ uninterrupted result, and MLflow holds each run once, finished, with one registe
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from test_pipeline import SMALL, Pipeline
 
@@ -39,7 +39,6 @@ KILLS = (
     ("report", "report", 1, False),
 )
 OUTPUT_FOLDERS = ("data", "models", "reports")
-PARAMS = {**SMALL, "train": {**SMALL["train"], "checkpoint_interval": 0}}
 
 
 def repro(pipe: Pipeline, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -91,17 +90,15 @@ def assert_whole(root: Path) -> int:
     return checked
 
 
-def lock_md5(root: Path, stage: str, suffix: str) -> str:
-    outs = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]["outs"]
-    return next(out["md5"] for out in outs if out["path"].endswith(suffix))
+def run_interrupted(factory: pytest.TempPathFactory) -> dict:
+    """The pipeline reached through a kill of each stage, in pipeline order, and then two plain
+    ``dvc repro`` started at once (one completes the pipeline, the other waits or fails clearly).
 
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Each stage killed once, in pipeline order, then a plain ``dvc repro``."""
-    pipe = Pipeline.copy_of_repository(tmp_path_factory, PARAMS)
+    Returns what the tests below check, read as the run ended (tests/test_pipeline.py goes on
+    with the same repository, tests/conftest.py's ``interrupted_pipeline``, and changes it)."""
+    pipe = Pipeline.copy_of_repository(factory, SMALL)
     trace = pipe.store.parent / "writes.tsv"
-    after_kill = {}
+    after_kill, outputs = {}, []
     for stage, arguments, write, group in KILLS:
         fault = f"{arguments}@{write}" + (":group" if group else "")
         result = repro(pipe, PYTHONPATH=str(FAULTS), VAE_FAULT_KILL=fault, VAE_FAULT_TRACE=str(trace))
@@ -110,9 +107,33 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         after_kill[stage] = {"returncode": result.returncode, "output": result.stdout + result.stderr,
                              "temporaries": temporaries(pipe.root), "whole": assert_whole(pipe.root),
                              "written": written}
+        outputs.append(result.stdout + result.stderr)
         trace.unlink(missing_ok=True)
-    final = repro(pipe)
-    return {"pipe": pipe, "after_kill": after_kill, "final": final, "mlflow": mlflow_state(pipe)}
+    runs = [subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=pipe.root, env=pipe.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    final = [(run.wait(timeout=900), run.communicate()[0]) for run in runs]
+    outputs += [output for _, output in final]
+    pipe.first_output = "\n".join(outputs)
+    for stage, seen in after_kill.items():  # shown with `pytest -s`: what each kill left
+        print(f"kill {stage}: dvc exit {seen['returncode']}; writes done {len(seen['written']) - 1}, killed in "
+              f"{Path(seen['written'][-1]).name if seen['written'] else '-'}; temporaries "
+              f"{[t.name for t in seen['temporaries']]}; {seen['whole']} whole files")
+    print("then two dvc repro at once:", [(code, "ran" if "Running stage" in out else out.strip()[-160:])
+                                           for code, out in final])
+    snapshot = factory.mktemp("after-the-kills")  # for the uninterrupted twin of the training
+    shutil.copy(pipe.root / "params.yaml", snapshot / "params.yaml")
+    shutil.copytree(pipe.root / "data/processed/mnist", snapshot / "data/processed/mnist")
+    shutil.copy(pipe.root / "models/model.pt", snapshot / "resumed.pt")
+    return {"pipe": pipe, "after_kill": after_kill, "final": final, "snapshot": snapshot,
+            "temporaries": temporaries(pipe.root), "whole": assert_whole(pipe.root),
+            "status": pipe.dvc("status"), "summary": pipe.json("reports/train_summary.json"),
+            "metrics": pipe.json("reports/metrics.json"), "mlflow": mlflow_state(pipe),
+            "train_state_left": (pipe.root / "models/train_state.pt").exists()}
+
+
+@pytest.fixture(scope="module")
+def interrupted(interrupted_pipeline: dict) -> dict:
+    return interrupted_pipeline
 
 
 def mlflow_state(pipe: Pipeline) -> dict:
@@ -143,68 +164,53 @@ def test_each_kill_stops_the_run_and_leaves_only_whole_files(interrupted: dict, 
     assert seen["whole"] > 0  # assert_whole ran (it raises on a damaged file) and found outputs
 
 
-def test_repro_after_the_kills_completes_every_stage(interrupted: dict) -> None:
+def test_two_repros_started_at_once_complete_the_pipeline_or_fail_clearly(interrupted: dict) -> None:
+    """Both started together on the same work tree: one ran the rest of the pipeline (the killed
+    report); the other waited and found it up to date, or stopped at DVC's lock having run nothing."""
     final = interrupted["final"]
-    output = final.stdout + final.stderr
-    assert final.returncode == 0, output[-3000:]
-    pipe = interrupted["pipe"]
-    assert temporaries(pipe.root) == []
-    assert assert_whole(pipe.root) > 20
-    assert "Data and pipelines are up to date" in pipe.dvc("status")
-    summary = pipe.json("reports/train_summary.json")
-    assert summary["resumed_from_passes"] == [1], "training did not resume from its pass-1 checkpoint"
-    assert not (pipe.root / "models/train_state.pt").exists()
+    ran = [output for code, output in final if code == 0 and "Running stage 'report'" in output]
+    assert len(ran) == 1, [output[-2000:] for _, output in final]
+    for code, output in final:
+        if output is ran[0]:
+            continue
+        if code == 0:
+            assert "Running stage" not in output, output[-2000:]
+        else:
+            assert "Unable to acquire lock" in output or "is busy" in output, output[-2000:]
+            assert "Running stage" not in output, output[-2000:]
 
 
-def test_resumed_training_equals_the_uninterrupted_one(interrupted: dict, tmp_path: Path) -> None:
-    """The same training, uninterrupted, in a scratch folder (tracking off): equal weights."""
-    import shutil
+def test_repro_after_the_kills_leaves_every_output_whole_and_nothing_stale(interrupted: dict) -> None:
+    assert interrupted["temporaries"] == []
+    assert interrupted["whole"] > 20
+    assert "Data and pipelines are up to date" in interrupted["status"]
+    assert interrupted["summary"]["resumed_from_passes"] == [1], "training did not resume from its pass-1 checkpoint"
+    assert not interrupted["train_state_left"]
 
+
+def test_resumed_training_equals_the_uninterrupted_one(interrupted: dict) -> None:
+    """The same training, uninterrupted, in a copy of the run's params and data (tracking off): equal weights."""
     import torch
 
     import vae
 
-    pipe = interrupted["pipe"]
-    shutil.copy(pipe.root / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(pipe.root / "data/processed/mnist", tmp_path / "data/processed/mnist")
-    result = subprocess.run(["vae", "train"], cwd=tmp_path, env={**pipe.env, "VAE_TRACKING": "off"},
+    scratch = interrupted["snapshot"]
+    result = subprocess.run(["vae", "train"], cwd=scratch, env={**interrupted["pipe"].env, "VAE_TRACKING": "off"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = vae.load_model(pipe.root / "models/model.pt").state_dict()
-    uninterrupted = vae.load_model(tmp_path / "models/model.pt").state_dict()
+    resumed = vae.load_model(scratch / "resumed.pt").state_dict()
+    uninterrupted = vae.load_model(scratch / "models/model.pt").state_dict()
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
-    assert json.loads((tmp_path / "reports/train_summary.json").read_text())["resumed_from_passes"] == []
+    assert json.loads((scratch / "reports/train_summary.json").read_text())["resumed_from_passes"] == []
 
 
 def test_mlflow_holds_each_run_once_finished_and_registered_once(interrupted: dict) -> None:
-    pipe, state = interrupted["pipe"], interrupted["mlflow"]
-    summary = pipe.json("reports/train_summary.json")
+    state, summary = interrupted["mlflow"], interrupted["summary"]
     # One training run: the killed one, reopened by the re-run that resumed from its checkpoint.
     assert state["trained"] == [(summary["mlflow_run_id"], "FINISHED")]
     ((run_id, tags),) = state["versions"]  # the killed evaluate registered nothing, its re-run once
     assert run_id == summary["mlflow_run_id"]
-    metrics = pipe.json("reports/metrics.json")
+    metrics = interrupted["metrics"]
     assert float(tags["test_log_likelihood"]) == pytest.approx(metrics["test_log_likelihood"], abs=1e-3)
-
-
-def test_two_repros_started_at_once_one_waits_or_fails_clearly(interrupted: dict) -> None:
-    """Runs last: it changes the evaluation's k and starts two `dvc repro` in the same work tree."""
-    pipe = interrupted["pipe"]
-    params = yaml.safe_load((pipe.root / "params.yaml").read_text())
-    params["evaluate"]["importance_samples"] = 20
-    (pipe.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    runs = [subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=pipe.root, env=pipe.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    results = [(run.wait(timeout=900), run.communicate()[0]) for run in runs]
-    succeeded = [output for code, output in results if code == 0]
-    failed = [output for code, output in results if code != 0]
-    assert succeeded, [output[-2000:] for _, output in results]
-    for output in failed:  # DVC's repository lock: a clear message, and it ran nothing
-        assert "Unable to acquire lock" in output or "is busy" in output, output[-2000:]
-        assert "Running stage" not in output, output[-2000:]
-    assert temporaries(pipe.root) == []
-    assert assert_whole(pipe.root) > 20
-    assert pipe.json("reports/metrics.json")["importance_samples"] == 20
-    assert "Data and pipelines are up to date" in pipe.dvc("status")

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.e2e
 SMALL = {
     "data": {"train_subset": 2000, "eval_subset": 500},
     "model": {"latent_dim": 2, "hidden_dim": 64},
-    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5},
+    # A checkpoint after every pass: tests/test_interruptions.py kills training after the first.
+    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5, "checkpoint_interval": 0},
     "evaluate": {"importance_samples": 50, "device": "cpu"},
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
@@ -127,10 +128,11 @@ class Pipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    pipe = Pipeline.copy_of_repository(tmp_path_factory, SMALL)
-    pipe.first_output = pipe.dvc("repro")
-    return pipe
+def pipeline(interrupted_pipeline: dict) -> Pipeline:
+    """The pipeline on SMALL, run to the end through a kill -9 of each stage (tests/conftest.py's
+    ``interrupted_pipeline``): what it left must be what an uninterrupted ``dvc repro`` leaves.
+    ``first_output`` holds the output of every ``dvc repro`` it took."""
+    return interrupted_pipeline["pipe"]
 
 
 def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> None:

@@ -9,8 +9,8 @@ file already present and verified is not fetched again.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
-import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -51,7 +51,8 @@ def fetch_file(remote: RemoteFile, urls: Sequence[str], destination: Path, progr
 
     Raises:
         DownloadError: no source delivered a verified copy; the message lists, per source, why
-            (unreachable, truncated gzip stream, or the expected and actual checksum).
+            (unreachable, refused, cut off before the announced length, truncated gzip stream, or
+            the expected and actual checksum).
     """
     if destination.is_file():
         actual = sha256_of(destination)
@@ -66,7 +67,7 @@ def fetch_file(remote: RemoteFile, urls: Sequence[str], destination: Path, progr
         try:
             _fetch_verified(remote, url, destination, progress)
             return url
-        except (OSError, urllib.error.URLError, zlib.error, DataError) as error:
+        except (OSError, http.client.HTTPException, zlib.error, DataError) as error:  # URLError is an OSError
             failures.append(f"  {url}: {error}")
             log.warning("%s: %s", url, error)
     raise DownloadError(f"could not fetch a verified copy of {remote.name} "
@@ -81,11 +82,15 @@ def _fetch_verified(remote: RemoteFile, url: str, destination: Path, progress: b
         total = response.headers.get("Content-Length")
         with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
                   desc=remote.name, disable=not progress, leave=False) as bar:
+            received = 0
             for block in iter(lambda: response.read(CHUNK_BYTES), b""):
                 bar.update(len(block))
+                received += len(block)
                 data = inflater.decompress(block) if inflater else block
                 digest.update(data)
                 out.write(data)
+        if total and total.isdigit() and received != int(total):
+            raise DataError(f"the connection closed after {received} of the {int(total)} bytes announced")
         if inflater is not None:
             tail = inflater.flush()
             digest.update(tail)
