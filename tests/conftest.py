@@ -4,6 +4,8 @@ written to the repository's ``mlflow.db`` or ``mlruns/``."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -59,8 +61,19 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def interrupted_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The pipeline on tests/test_pipeline.py's small settings, in a temporary git copy of the
-    repository, run to the end through a kill -9 of each stage (tests/test_interruptions.py).
-    Shared by both modules: one pipeline run instead of two."""
+    repository, run to the end through a kill -9 of each stage (tests/test_interruptions.py:
+    ``run_interrupted``, plain values). Shared by both modules, one run instead of two; under
+    pytest-xdist the first worker to ask runs it and the other reads its result (a file lock in
+    the run's common temporary folder)."""
     from test_interruptions import run_interrupted
 
-    return run_interrupted(tmp_path_factory)
+    base = tmp_path_factory.getbasetemp()
+    common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    result = common / "interrupted_pipeline.json"
+    with open(common / "interrupted_pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if result.exists():
+            return json.loads(result.read_text())
+        run = run_interrupted(tmp_path_factory)
+        result.write_text(json.dumps(run))
+        return run

@@ -117,23 +117,35 @@ def run_interrupted(factory: pytest.TempPathFactory) -> dict:
     for stage, seen in after_kill.items():  # shown with `pytest -s`: what each kill left
         print(f"kill {stage}: dvc exit {seen['returncode']}; writes done {len(seen['written']) - 1}, killed in "
               f"{Path(seen['written'][-1]).name if seen['written'] else '-'}; temporaries "
-              f"{[t.name for t in seen['temporaries']]}; {seen['whole']} whole files")
+              f"{[Path(t).name for t in seen['temporaries']]}; {seen['whole']} whole files")
     print("then two dvc repro at once:", [(code, "ran" if "Running stage" in out else out.strip()[-160:])
                                            for code, out in final])
     snapshot = factory.mktemp("after-the-kills")  # for the uninterrupted twin of the training
     shutil.copy(pipe.root / "params.yaml", snapshot / "params.yaml")
     shutil.copytree(pipe.root / "data/processed/mnist", snapshot / "data/processed/mnist")
     shutil.copy(pipe.root / "models/model.pt", snapshot / "resumed.pt")
-    return {"pipe": pipe, "after_kill": after_kill, "final": final, "snapshot": snapshot,
-            "temporaries": temporaries(pipe.root), "whole": assert_whole(pipe.root),
+    for seen in after_kill.values():
+        seen["temporaries"] = [str(path) for path in seen["temporaries"]]
+    # Plain values only: tests/conftest.py shares them between pytest-xdist's workers as JSON.
+    return {"root": str(pipe.root), "store": str(pipe.store), "first_output": pipe.first_output,
+            "after_kill": after_kill, "final": final, "snapshot": str(snapshot),
+            "temporaries": [str(path) for path in temporaries(pipe.root)], "whole": assert_whole(pipe.root),
             "status": pipe.dvc("status"), "summary": pipe.json("reports/train_summary.json"),
             "metrics": pipe.json("reports/metrics.json"), "mlflow": mlflow_state(pipe),
             "train_state_left": (pipe.root / "models/train_state.pt").exists()}
 
 
+def shared_pipeline(run: dict) -> Pipeline:
+    """The repository of :func:`run_interrupted` (tests/test_pipeline.py goes on with it)."""
+    pipe = Pipeline(Path(run["root"]), Path(run["store"]))
+    pipe.first_output = run["first_output"]
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def interrupted(interrupted_pipeline: dict) -> dict:
-    return interrupted_pipeline
+    return {**interrupted_pipeline, "pipe": shared_pipeline(interrupted_pipeline),
+            "snapshot": Path(interrupted_pipeline["snapshot"])}
 
 
 def mlflow_state(pipe: Pipeline) -> dict:
@@ -144,8 +156,10 @@ def mlflow_state(pipe: Pipeline) -> dict:
     experiment = client.get_experiment_by_name("vae-mnist")
     trained = [run for run in client.search_runs([experiment.experiment_id])
                if "mlflow.parentRunId" not in run.data.tags and "train_seconds" in run.data.metrics]
-    return {"trained": [(run.info.run_id, run.info.status) for run in trained],
-            "versions": [(v.run_id, v.tags) for v in client.search_model_versions("name='vae-mnist'")]}
+    curves = {run.info.run_id: {key: sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, key))
+                                for key in ("train_elbo", "valid_elbo", "train_elbo_step")} for run in trained}
+    return {"trained": [[run.info.run_id, run.info.status] for run in trained], "curves": curves,
+            "versions": [[v.run_id, v.tags] for v in client.search_model_versions("name='vae-mnist'")]}
 
 
 @pytest.mark.parametrize("stage", [kill[0] for kill in KILLS])
@@ -160,7 +174,7 @@ def test_each_kill_stops_the_run_and_leaves_only_whole_files(interrupted: dict, 
     # It died at its `write`-th write: the earlier ones completed, the killed one left its temporary.
     assert len(seen["written"]) == write, seen["written"]
     killed = Path(seen["written"][-1])
-    assert any(tmp.name.startswith(f".{killed.name}.") for tmp in seen["temporaries"]), seen["temporaries"]
+    assert any(Path(tmp).name.startswith(f".{killed.name}.") for tmp in seen["temporaries"]), seen["temporaries"]
     assert seen["whole"] > 0  # assert_whole ran (it raises on a damaged file) and found outputs
 
 
@@ -209,7 +223,11 @@ def test_resumed_training_equals_the_uninterrupted_one(interrupted: dict) -> Non
 def test_mlflow_holds_each_run_once_finished_and_registered_once(interrupted: dict) -> None:
     state, summary = interrupted["mlflow"], interrupted["summary"]
     # One training run: the killed one, reopened by the re-run that resumed from its checkpoint.
-    assert state["trained"] == [(summary["mlflow_run_id"], "FINISHED")]
+    assert state["trained"] == [[summary["mlflow_run_id"], "FINISHED"]]
+    # Its curves hold each point once: the pass trained again after the kill was not logged twice.
+    curves = state["curves"][summary["mlflow_run_id"]]
+    assert curves["train_elbo"] == curves["valid_elbo"] == [2000, 4000]
+    assert curves["train_elbo_step"] == [500 * (i + 1) for i in range(8)]  # every 5 minibatches of 100
     ((run_id, tags),) = state["versions"]  # the killed evaluate registered nothing, its re-run once
     assert run_id == summary["mlflow_run_id"]
     metrics = interrupted["metrics"]

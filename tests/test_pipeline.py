@@ -132,7 +132,9 @@ def pipeline(interrupted_pipeline: dict) -> Pipeline:
     """The pipeline on SMALL, run to the end through a kill -9 of each stage (tests/conftest.py's
     ``interrupted_pipeline``): what it left must be what an uninterrupted ``dvc repro`` leaves.
     ``first_output`` holds the output of every ``dvc repro`` it took."""
-    return interrupted_pipeline["pipe"]
+    from test_interruptions import shared_pipeline
+
+    return shared_pipeline(interrupted_pipeline)
 
 
 def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> None:

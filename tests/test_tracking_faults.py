@@ -221,3 +221,23 @@ def test_no_credential_reaches_outputs_logs_or_the_store(registration: dict, ser
                 assert SECRET not in " ".join(map(str, row)), (table, row)
                 rows += 1
     assert rows > 100
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://alice:pw@host:5000/", "http://***@host:5000/"),
+    ("https://token@example.org/api and s3://key:secret@bucket/x", "https://***@example.org/api and s3://***@bucket/x"),
+    ("'http://a:b@h/x' failed", "'http://***@h/x' failed"),
+    ("sqlite:////tmp/store/mlflow.db", "sqlite:////tmp/store/mlflow.db"),
+    ("mail me at alice@example.org", "mail me at alice@example.org"),
+])
+def test_masked_hides_the_credentials_of_every_url(text: str, shown: str) -> None:
+    from vae.tracking import masked
+
+    assert masked(text) == shown
+
+
+def test_the_uri_reports_show_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vae.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{SECRET}@mlflow.example.org")
+    assert tracking_uri() == "https://***@mlflow.example.org"

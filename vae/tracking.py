@@ -115,6 +115,16 @@ class Tracker:
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             self._call(self.client.log_batch, self.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
 
+    def last_steps(self, keys: Sequence[str]) -> dict[str, int]:
+        """The highest step logged so far for each of ``keys`` that the run holds (a resumed run
+        skips what it logged before it was interrupted, so that no point appears twice)."""
+        last = {}
+        for key in keys:
+            points = self._call(self.client.get_metric_history, self.run_id, key)
+            if points:
+                last[key] = max(int(point.step) for point in points)
+        return last
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
