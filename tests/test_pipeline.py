@@ -4,6 +4,7 @@ pipeline wrote, queried through the REST API the UI uses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
 
@@ -298,27 +300,35 @@ def _post(base: str, endpoint: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+@contextlib.contextmanager
+def running_mlflow_server(store: Path, cwd: Path, env: dict, *options: str) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 over the SQLite ``store`` (its log beside it); yields
+    its base URL once it answers /health, and stops it afterwards."""
+    port = _free_port()
+    log_path = store.parent / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
+            cwd=cwd, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(server, f"{base}/health", log_path)
+            yield base
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(pipeline: Pipeline):
     """The real MLflow server on 127.0.0.1 over the store the pipeline wrote."""
-    port = _free_port()
-    env = {**pipeline.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(pipeline.store.parent / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{pipeline.store}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=pipeline.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(server, f"{base}/health", pipeline.store.parent / "server.log")
+    with running_mlflow_server(pipeline.store, pipeline.root, pipeline.env) as base:
         yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-        log.close()
 
 
 def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline, mlflow_server: str) -> None:
