@@ -150,8 +150,8 @@ def reference(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"state": final_state(root), "curve": pd.read_csv(root / "reports" / "elbo_curve.csv")}
 
 
-def start_training(root: Path, params: Path) -> subprocess.Popen:
-    environment = {**os.environ, **ONE_THREAD, "VAE_TRACKING": "off",
+def start_training(root: Path, params: Path, tracking: bool = False) -> subprocess.Popen:
+    environment = {**os.environ, **ONE_THREAD, "VAE_TRACKING": "on" if tracking else "off",
                    "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "vae", "train", "--params", str(params), "--no-progress"],
@@ -173,9 +173,9 @@ def wait_for_checkpoint(process: subprocess.Popen, path: Path, passes: int, time
     pytest.fail(f"no checkpoint with {passes} passes at {path} after {timeout} s")
 
 
-def stop_mid_run(root: Path, params: Path, sig: int) -> tuple[int, str]:
+def stop_mid_run(root: Path, params: Path, sig: int, tracking: bool = False) -> tuple[int, str]:
     """Start ``vae train``, send ``sig`` once two passes are checkpointed; (exit status, stderr)."""
-    process = start_training(root, params)
+    process = start_training(root, params, tracking)
     try:
         wait_for_checkpoint(process, root / "models" / "train_state.pt", passes=2)
         process.send_signal(sig)
@@ -220,6 +220,40 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(reference, processed
     curve = pd.read_csv(root / "reports" / "elbo_curve.csv")
     columns = ["epoch", "examples_seen", "train_elbo", "valid_elbo", "learning_rate"]
     pd.testing.assert_frame_equal(curve[columns], reference["curve"][columns])
+
+
+def test_resume_after_kill_9_logs_each_curve_point_once(processed, isolated, monkeypatch):
+    """Killed after pass 3 was logged but before its checkpoint replaced pass 2's (at the third
+    checkpoint write: tests/faults/sitecustomize.py), the resumed run trains pass 3 again; the
+    MLflow run holds every curve point once, at the steps of an uninterrupted run."""
+    from mlflow import MlflowClient
+
+    root = isolated / "run"
+    params = write_params(root, processed, train={"epochs": 5})
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    arguments = ["train", "--params", str(params), "--no-progress"]
+    killed = subprocess.run([str(Path(sys.executable).parent / "vae"), *arguments], cwd=root, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, **ONE_THREAD, "VAE_TRACKING": "on", "MLFLOW_TRACKING_URI": store,
+                                 "PYTHONPATH": str(REPO_ROOT / "tests" / "faults"),
+                                 "VAE_FAULT_KILL": f"{' '.join(arguments)}@3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = torch.load(root / "models" / "train_state.pt", weights_only=True)
+    assert state["progress"]["passes_done"] == 2
+    run_id = state["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=store)
+    assert [m.step for m in client.get_metric_history(run_id, "valid_elbo")] == [1200, 2400, 3600]
+
+    monkeypatch.setenv("VAE_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert train_in_process(params) == 0
+    summary = json.loads((root / "reports" / "train_summary.json").read_text())
+    assert summary["mlflow_run_id"] == run_id and summary["resumed_from_passes"] == [2]
+    per_pass = [1200 * (i + 1) for i in range(5)]  # steps: training examples seen
+    for key in ("train_elbo", "valid_elbo", "test_elbo_curve", "learning_rate"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == per_pass, key
+    steps = [m.step for m in client.get_metric_history(run_id, "train_elbo_step")]
+    assert len(steps) == len(set(steps)), "train_elbo_step points logged twice"
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(reference, processed, isolated, capsys):
