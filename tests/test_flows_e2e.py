@@ -154,13 +154,17 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stack.pipe.store}")
+    store = f"sqlite:///{stack.pipe.store}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     versions = client.search_model_versions(f"name='vae-mnist' and run_id='{metrics['mlflow_run_id']}'")
     assert len(versions) == 1
 
 
 def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
     """The schedule is a setting: replaced on the server by the CLI, no code involved."""
+    # Read now: a later scheduled run may be under way when the checks below run, with its seed
+    # written into params.yaml for its duration.
+    seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
     stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "20",
                   "--replace", "--accept-yes")
     started = time.monotonic()
@@ -181,12 +185,12 @@ def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stack.pipe.store}")
-    seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
+    store = f"sqlite:///{stack.pipe.store}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     # The manual run registered seed `seed`; the first retraining took the next one and, the
     # registry having no champion yet, became champion.
     retrained = [v for v in client.search_model_versions("name='vae-mnist'") if v.tags.get("train_seed") == str(seed + 1)]
-    assert len(retrained) == 1, [v.tags for v in client.search_model_versions("name='vae-mnist'")]
+    assert len(retrained) == 1, (seed, [v.tags for v in client.search_model_versions("name='vae-mnist'")])
     assert retrained[0].tags["champion_decision"] == "promoted"
     assert "no champion" in retrained[0].tags["champion_reason"]
     assert client.get_model_version_by_alias("vae-mnist", "champion") is not None
