@@ -137,8 +137,8 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
     stages = [member.stage for member in declared]
     changed = changed_stages(root, stages)
     if changed:
-        # Here, before the members start: the sweep's MLflow run, and with it the store's schema on
-        # first use, which two members creating at once would both try to migrate.
+        # Here, before the members start: the sweep's MLflow run, which two members looking for it
+        # at once would each create.
         with contextlib.chdir(root):  # the store the stages use (MLflow's default is relative to the cwd)
             parent = sweep.sweep_run(params)
         logger.info("MLflow sweep run: %s", parent or "none (tracking off)")

@@ -535,13 +535,12 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
                                 "data.valid_examples": len(splits["valid"]),
                                 "data.test_examples": len(splits["test"])})
 
-        curves = ("train_elbo_step", "wake_objective_step", "sleep_objective_step", "train_elbo", "valid_elbo",
-                  "test_elbo_curve", "learning_rate", "elapsed_seconds")
         # Resuming the interrupted run: the passes after its checkpoint were logged before the kill
         # and are trained again now; their points are not logged a second time.
-        logged = (tracker.last_steps(curves) if tracker.active and tracker.run_id == resume_id else None) or {}
+        logged: dict[str, int] | None = None if tracker.active and tracker.run_id == resume_id else {}
 
         def log_evaluation(row: dict, points: list[tuple]) -> None:
+            nonlocal logged
             # The per-pass test ELBO is "test_elbo_curve": "test_elbo" is evaluate's final number.
             steps = {"train_elbo_step": [(seen, value) for seen, value, *_ in points]}
             if config.algorithm == "wake-sleep":  # points: (seen, ELBO, wake objective, sleep objective)
@@ -550,6 +549,8 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
             series = {**steps, **{key: [(row["examples_seen"], row[column])] for key, column in (
                 ("train_elbo", "train_elbo"), ("valid_elbo", "valid_elbo"), ("test_elbo_curve", "test_elbo"),
                 ("learning_rate", "learning_rate"), ("elapsed_seconds", "seconds"))}}
+            if logged is None:  # the first evaluation after resuming: what the run holds already
+                logged = tracker.last_steps(list(series))
             tracker.log_history({key: [(step, value) for step, value in values if step > logged.get(key, -1)]
                                  for key, values in series.items()})
 

@@ -79,8 +79,9 @@ def _fetch_verified(remote: RemoteFile, url: str, destination: Path, progress: b
     digest = hashlib.sha256()
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if remote.compressed else None
     with _open_url(url) as response, atomic_open(destination) as out:
-        total = response.headers.get("Content-Length")
-        with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+        announced = response.headers.get("Content-Length", "")
+        total = int(announced) if announced.isdigit() else None
+        with tqdm(total=total, unit="B", unit_scale=True,
                   desc=remote.name, disable=not progress, leave=False) as bar:
             received = 0
             for block in iter(lambda: response.read(CHUNK_BYTES), b""):
@@ -89,8 +90,8 @@ def _fetch_verified(remote: RemoteFile, url: str, destination: Path, progress: b
                 data = inflater.decompress(block) if inflater else block
                 digest.update(data)
                 out.write(data)
-        if total and total.isdigit() and received != int(total):
-            raise DataError(f"the connection closed after {received} of the {int(total)} bytes announced")
+        if total is not None and received != total:
+            raise DataError(f"the connection closed after {received} of the {total} bytes announced")
         if inflater is not None:
             tail = inflater.flush()
             digest.update(tail)
