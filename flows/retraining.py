@@ -19,6 +19,7 @@ Run it without any set-up: ``uv run python -m flows retrain --epochs 2``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,25 @@ def registered_version(root: str, name: str, run_id: str | None) -> str:
     return str(max(int(v.version) for v in versions))
 
 
-def _reevaluate(root: Path, metrics: dict[str, Any]):
-    """The champion's per-example test L_k on this run's test images, k and seed (see vae.registry)."""
+def champion_reevaluation(root: Path, metrics: dict[str, Any], logger: Any) -> Callable[[Any], np.ndarray]:
+    """The ``reevaluate`` argument of :func:`vae.registry.promote_if_better` for this run.
+
+    Args:
+        root: the repository whose ``params.yaml``, processed test split and MLflow store
+            (:func:`vae.tracking.store_uri`) are used.
+        metrics: this run's ``reports/metrics.json``; its ``dataset`` and ``importance_samples``
+            (k) are used, with ``params.yaml``'s ``evaluate.seed`` and ``evaluate.memory_budget_mb``.
+        logger: where to say what is re-evaluated (a ``logging.Logger``-like object).
+
+    Returns:
+        A function of a registered model version (``ModelVersion``: ``name``, ``version``) that
+        downloads the version from the store and returns its per-example test L_k, float64 numpy
+        array of shape (test examples,), in nats per example (IWAE bound, Burda et al. 2016, Eq. 8).
+    """
     def reevaluate(champion: Any) -> np.ndarray:
+        import tempfile
+
+        import mlflow.artifacts
         import mlflow.pytorch
 
         from vae import tracking
@@ -83,15 +100,19 @@ def _reevaluate(root: Path, metrics: dict[str, Any]):
         from vae.data.splits import load_split
         from vae.evaluate import evaluate_split
 
-        client = tracking.client_for(root)
-        mlflow.set_tracking_uri(client.tracking_uri)
-        mlflow.set_registry_uri(client.tracking_uri)
+        # The store's URIs are passed to this one download rather than set as MLflow's globals,
+        # which would outlive this task in a worker that runs flows for other repositories.
+        uri = tracking.store_uri(root)
         params = load_params(root / "params.yaml")
-        model = mlflow.pytorch.load_model(f"models:/{champion.name}/{champion.version}", map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="vae-champion-") as scratch:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=scratch,
+                tracking_uri=uri, registry_uri=uri)
+            model = mlflow.pytorch.load_model(local, map_location="cpu")
         model.eval()
         test = load_split(root / params.paths.processed / metrics["dataset"] / "test.pt")
-        get_run_logger().info("re-evaluating champion version %s on this run's %d test images with k = %d",
-                              champion.version, len(test), metrics["importance_samples"])
+        logger.info("re-evaluating champion version %s on this run's %d test images with k = %d",
+                    champion.version, len(test), metrics["importance_samples"])
         result = evaluate_split(model, test.values(), metrics["importance_samples"], [], params.evaluate.memory_budget_mb,
                                 params.evaluate.seed, "champion test", progress=False)
         return result.log_likelihood.numpy()
@@ -103,9 +124,9 @@ def promote(root: str, name: str, version: str, metrics: dict[str, Any]) -> dict
     """:func:`vae.registry.promote_if_better` for the new version; returns the decision as a dict."""
     from vae import registry, tracking
 
-    decision = registry.promote_if_better(tracking.client_for(root), name, version,
-                                          reevaluate=_reevaluate(Path(root), metrics))
     logger = get_run_logger()
+    decision = registry.promote_if_better(tracking.client_for(root), name, version,
+                                          reevaluate=champion_reevaluation(Path(root), metrics, logger))
     logger.info("%s version %s: %s (%s); champion is version %s", name, version,
                 "promoted to champion" if decision.promoted else "not promoted", decision.reason,
                 decision.champion_version)

@@ -202,6 +202,36 @@ def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
     assert model.log_likelihood(x, importance_samples=10).shape == (8,)
 
 
+def test_retraining_reevaluates_the_registered_champion_without_setting_mlflow_globals(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduled-retraining flow's re-evaluation of a champion (flows/retraining.py), on the
+    version the evaluate stage registered: downloaded from this store alone, it gives the stage's
+    own per-example test L_k, and MLflow's process-wide URIs are left as they were."""
+    import logging
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from flows.retraining import champion_reevaluation
+    from vae import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline.store}")
+    client = tracking.client_for(pipeline.root)
+    [champion] = client.search_model_versions("name='vae-mnist'")
+    metrics = pipeline.json("reports/metrics.json")
+    assert champion.run_id == metrics["mlflow_run_id"]
+    reevaluated = champion_reevaluation(pipeline.root, metrics, logging.getLogger(__name__))(champion)
+
+    table = pd.read_csv(pipeline.root / "reports/log_likelihood_per_example.csv")
+    stage = table[table["split"] == "test"].sort_values("index")["log_likelihood"].to_numpy()
+    assert reevaluated.shape == stage.shape == (metrics["test_examples"],)
+    np.testing.assert_allclose(reevaluated, stage, rtol=0, atol=1e-3)
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert str(pipeline.store) not in mlflow.get_tracking_uri() + mlflow.get_registry_uri()
+
+
 def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
     html = (pipeline.root / "reports/report.html").read_text()
     metrics = pipeline.json("reports/metrics.json")
