@@ -100,14 +100,16 @@ def champion_reevaluation(root: Path, metrics: dict[str, Any], logger: Any) -> C
         from vae.data.splits import load_split
         from vae.evaluate import evaluate_split
 
-        # The store's URIs are passed to this one download rather than set as MLflow's globals,
-        # which would outlive this task in a worker that runs flows for other repositories.
-        uri = tracking.store_uri(root)
+        # Not MLflow's process-wide URIs (set, they would outlive this task in a worker that runs
+        # flows for other repositories), and not a models:/ URI (MLflow resolves those through
+        # the process-wide registry whatever registry_uri it is given): this store's client says
+        # where the version's files are, and they are downloaded with this store's tracking URI.
+        client = tracking.client_for(root)
+        source = client.get_model_version_download_uri(champion.name, champion.version)
         params = load_params(root / "params.yaml")
         with tempfile.TemporaryDirectory(prefix="vae-champion-") as scratch:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=scratch,
-                tracking_uri=uri, registry_uri=uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch,
+                                                        tracking_uri=client.tracking_uri)
             model = mlflow.pytorch.load_model(local, map_location="cpu")
         model.eval()
         test = load_split(root / params.paths.processed / metrics["dataset"] / "test.pt")

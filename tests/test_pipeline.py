@@ -203,10 +203,11 @@ def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
 
 
 def test_retraining_reevaluates_the_registered_champion_without_setting_mlflow_globals(
-        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The scheduled-retraining flow's re-evaluation of a champion (flows/retraining.py), on the
-    version the evaluate stage registered: downloaded from this store alone, it gives the stage's
-    own per-example test L_k, and MLflow's process-wide URIs are left as they were."""
+    version the evaluate stage registered: downloaded from the repository's own store while
+    MLflow's process-wide default is another (empty) one, it gives the stage's own per-example
+    test L_k, and MLflow's process-wide URIs are left as they were."""
     import logging
 
     import mlflow
@@ -216,20 +217,27 @@ def test_retraining_reevaluates_the_registered_champion_without_setting_mlflow_g
     from flows.retraining import champion_reevaluation
     from vae import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline.store}")
-    client = tracking.client_for(pipeline.root)
-    [champion] = client.search_model_versions("name='vae-mnist'")
+    # The repository with its store where the stages' default puts it (<root>/mlflow.db), found
+    # only through the root; MLflow's own default is a store in this test's empty folder.
+    root = tmp_path / "repository"
+    root.mkdir()
+    for name in ("params.yaml", "data"):
+        (root / name).symlink_to(pipeline.root / name)
+    (root / "mlflow.db").symlink_to(pipeline.store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    defaults = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+
+    [champion] = tracking.client_for(root).search_model_versions("name='vae-mnist'")
     metrics = pipeline.json("reports/metrics.json")
     assert champion.run_id == metrics["mlflow_run_id"]
-    reevaluated = champion_reevaluation(pipeline.root, metrics, logging.getLogger(__name__))(champion)
+    reevaluated = champion_reevaluation(root, metrics, logging.getLogger(__name__))(champion)
 
     table = pd.read_csv(pipeline.root / "reports/log_likelihood_per_example.csv")
     stage = table[table["split"] == "test"].sort_values("index")["log_likelihood"].to_numpy()
     assert reevaluated.shape == stage.shape == (metrics["test_examples"],)
     np.testing.assert_allclose(reevaluated, stage, rtol=0, atol=1e-3)
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert str(pipeline.store) not in mlflow.get_tracking_uri() + mlflow.get_registry_uri()
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == defaults
 
 
 def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None:
