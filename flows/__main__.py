@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vae import datasets
+
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00, as in prefect.yaml
 
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("--epochs", type=int, help="train.epochs (clears train.training_samples)")
     overrides.add_argument("--latent-dim", type=int, help="model.latent_dim")
-    overrides.add_argument("--dataset", choices=("mnist", "frey"), help="data.dataset")
+    overrides.add_argument("--dataset", choices=datasets.NAMES, help="data.dataset")
     overrides.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                            help="any other parameter, as `dvc exp run -S` takes it (repeatable)")
     overrides.add_argument("--repo", help="repository root (default: VAE_REPO, else the working directory)")

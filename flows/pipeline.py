@@ -11,7 +11,7 @@ syntax, applied by DVC's own Hydra-override code) are written to ``params.yaml``
 the file is restored byte for byte afterwards, also when a stage fails. A copy kept under
 ``.dvc/tmp`` restores it should the flow process itself be killed mid-run: the next flow in the
 repository puts it back first. An exclusive lock on the repository keeps two flows from
-interleaving their stages.
+interleaving their stages. What the flow asks of DVC and the repository is in :mod:`flows.dvc_repo`.
 
 Run it without any set-up (Prefect's temporary local server)::
 
@@ -20,13 +20,7 @@ Run it without any set-up (Prefect's temporary local server)::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,185 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from vae.errors import ConfigError, VaeError
+from flows.dvc_repo import (StageFailed, describe_status, dvc_command, overridden_params, overrides_for, repository,
+                            repository_lock, stage_env, stage_order, stage_status, stream)
 
-PARAMS_FILE = "params.yaml"
-BACKUP = Path(".dvc/tmp/params.yaml.flow-backup")
-LOCK = Path(".dvc/tmp/vae-flow.lock")
 SKIPPED = "Skipped"
-# Named flow parameters and the params.yaml key each sets; anything else goes through set_params.
-SHORTCUTS = {"dataset": "data.dataset", "latent_dim": "model.latent_dim", "hidden_dim": "model.hidden_dim",
-             "epochs": "train.epochs", "training_samples": "train.training_samples", "seed": "train.seed",
-             "importance_samples": "evaluate.importance_samples"}
-# Training length is `epochs` or `training_samples`: setting one clears the other.
-EXCLUSIVE = {"train.epochs": "train.training_samples", "train.training_samples": "train.epochs"}
-
-
-class StageFailed(VaeError):
-    """A DVC stage exited with an error; the message names the stage and ends with its last lines."""
-
-
-def repository(repo: str | os.PathLike[str] | None = None) -> Path:
-    """The DVC repository to run in: ``repo``, else ``VAE_REPO``, else the working directory.
-
-    Raises:
-        ConfigError: the folder holds no ``dvc.yaml`` and ``params.yaml``.
-    """
-    root = Path(repo or os.environ.get("VAE_REPO") or Path.cwd()).resolve()
-    missing = [name for name in ("dvc.yaml", PARAMS_FILE) if not (root / name).is_file()]
-    if missing:
-        raise ConfigError(f"{root}: not the pipeline's repository (no {', '.join(missing)}); run from the "
-                          "repository root, set VAE_REPO, or pass repo=")
-    return root
-
-
-def stage_order(root: Path) -> list[str]:
-    """The stages of ``root/dvc.yaml`` in an order DVC would run them (a topological order of
-    DVC's stage graph, dependencies first)."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        order = reversed(list(nx.topological_sort(graph)))
-        # Stages of the top-level dvc.yaml by name; any other file's as "path/dvc.yaml:name".
-        return [stage.name if Path(stage.path) == root / "dvc.yaml" else f"{Path(stage.path).relative_to(root)}:{stage.name}"
-                for stage in order]
-
-
-def overrides_for(set_params: Sequence[str] | None = None, **shortcuts: Any) -> list[str]:
-    """``dvc exp run -S``-style overrides from the named flow parameters and ``set_params``.
-
-    ``overrides_for(epochs=3, latent_dim=2)`` gives ``["++train.epochs=3",
-    "++train.training_samples=null", "++model.latent_dim=2"]``. None values are left out.
-
-    Raises:
-        ConfigError: an unknown shortcut, or a ``set_params`` entry without ``=``.
-    """
-    overrides: list[str] = []
-    for name, value in shortcuts.items():
-        if name not in SHORTCUTS:
-            raise ConfigError(f"unknown flow parameter {name!r}; known: {', '.join(SHORTCUTS)} (or set_params)")
-        if value is None:
-            continue
-        key = SHORTCUTS[name]
-        overrides.append(f"++{key}={json.dumps(value)}")
-        if key in EXCLUSIVE:
-            overrides.append(f"++{EXCLUSIVE[key]}=null")
-    for entry in set_params or []:
-        if "=" not in str(entry):
-            raise ConfigError(f"set_params entry {entry!r} is not KEY=VALUE (e.g. train.batch_size=50)")
-        overrides.append(str(entry))
-    return overrides
-
-
-def _restore(root: Path, original: bytes) -> None:
-    from vae.io import atomic_path
-
-    with atomic_path(root / PARAMS_FILE) as tmp:
-        tmp.write_bytes(original)
-    (root / BACKUP).unlink(missing_ok=True)
-
-
-def recover_params(root: Path) -> bool:
-    """Put back ``params.yaml`` from the copy a killed flow left behind; True if it did."""
-    backup = root / BACKUP
-    if not backup.is_file():
-        return False
-    _restore(root, backup.read_bytes())
-    print(f"restored {root / PARAMS_FILE} from {backup}, left by a flow that was stopped mid-run", file=sys.stderr)
-    return True
-
-
-@contextlib.contextmanager
-def repository_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the repository for a flow's duration (released if the process dies).
-
-    Raises:
-        VaeError: another flow holds it.
-    """
-    path = root / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VaeError(f"{root}: another vae flow is running in this repository ({path} is locked); "
-                           "wait for it, or run in another clone") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def overridden_params(root: Path, overrides: Sequence[str]) -> Iterator[Any]:
-    """Apply ``overrides`` to ``root/params.yaml`` for the block; restore the original bytes after.
-
-    Yields the validated :class:`vae.config.Params` in force.
-
-    Raises:
-        ConfigError: an override DVC cannot parse or apply, or values ``vae.config`` rejects (the
-            file is restored before the error propagates).
-    """
-    from dvc.utils.hydra import apply_overrides
-
-    from vae.config import load_params
-
-    path = root / PARAMS_FILE
-    recover_params(root)
-    if not overrides:
-        yield load_params(path)
-        return
-    original = path.read_bytes()
-    backup = root / BACKUP
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    backup.write_bytes(original)
-    try:
-        try:
-            apply_overrides(path, list(overrides))
-        except Exception as error:  # DVC's InvalidArgumentError, Hydra's parse and composition errors
-            cause = f": {error.__cause__}" if error.__cause__ else ""
-            raise ConfigError(f"parameter overrides {list(overrides)} cannot be applied to {path}: {error}{cause}") from None
-        params = load_params(path)
-        yield params
-    finally:
-        _restore(root, original)
-
-
-def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
-                          env=_stage_env())
-
-
-def _stage_env() -> dict[str, str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    # Put this interpreter's scripts (`vae`, `dvc`) first, as `uv run` does.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def stage_status(root: Path, stage: str) -> dict[str, Any]:
-    """DVC's view of one stage: ``{}`` when up to date, else what changed (``dvc status STAGE --json``).
-
-    Raises:
-        StageFailed: ``dvc status`` itself failed.
-    """
-    result = _dvc(root, "status", stage, "--json")
-    if result.returncode != 0:
-        raise StageFailed(f"dvc status {stage} failed in {root}:\n{result.stderr.strip()[-2000:]}")
-    return json.loads(result.stdout or "{}")
-
-
-def _describe(status: dict[str, Any], stage: str) -> str:
-    changes = []
-    for entry in status.get(stage, []):
-        if isinstance(entry, dict):
-            for kind, items in entry.items():
-                changes.append(f"{kind}: {', '.join(items) if isinstance(items, dict) else items}")
-        else:
-            changes.append(str(entry))
-    return "; ".join(changes) or "not run yet"
 
 
 def run_stage_fn(root: str, stage: str) -> State | dict[str, Any]:
@@ -231,32 +50,12 @@ def run_stage_fn(root: str, stage: str) -> State | dict[str, Any]:
     if not status:
         logger.info("stage %s is up to date: skipped (DVC cache)", stage)
         return Completed(message=f"stage {stage} is up to date", name=SKIPPED, data={"stage": stage, "ran": False})
-    reason = _describe(status, stage)
+    reason = describe_status(status, stage)
     logger.info("stage %s runs: %s", stage, reason)
-    returncode, _, tail = stream([sys.executable, "-m", "dvc", "repro", "--single-item", stage], path, _stage_env())
+    returncode, _, tail = stream(dvc_command("repro", "--single-item", stage), path, stage_env())
     if returncode != 0:
         raise StageFailed(f"stage {stage} failed (dvc repro exit {returncode}) in {path}:\n" + "\n".join(tail))
     return {"stage": stage, "ran": True, "reason": reason}
-
-
-def stream(command: list[str], cwd: Path | str, env: dict[str, str]) -> tuple[int, int, list[str]]:
-    """Run ``command`` in ``cwd``, each line of its output (stdout and stderr; a progress bar's
-    carriage-return updates reduced to their last state) into the current Prefect run's log.
-
-    Returns:
-        (exit status, process id, its last 30 non-empty lines).
-    """
-    logger = get_run_logger()
-    tail: list[str] = []
-    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, bufsize=1) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n").split("\r")[-1].rstrip()
-            if line:
-                logger.info("%s", line)
-                tail = (tail + [line])[-30:]
-    return process.returncode, process.pid, tail
 
 
 _COMMON = {"cache_policy": NO_CACHE, "log_prints": True}

@@ -27,7 +27,8 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import repository, vae_pipeline
+from flows.dvc_repo import repository
+from flows.pipeline import vae_pipeline
 from vae.errors import TrackingError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download clutters the flow log

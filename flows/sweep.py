@@ -32,7 +32,6 @@ Run it without any set-up (Prefect's temporary local server)::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import socket
@@ -44,45 +43,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import (StageFailed, _dvc, _stage_env, overridden_params, overrides_for, repository,
-                            repository_lock, stream)
+from flows.dvc_repo import (PARAMS_FILE, StageFailed, changed_stages, commit_stages, dvc_repro, overridden_params,
+                            overrides_for, repository, repository_lock, stage_commands, stage_env, stream)
 from vae.errors import ConfigError
-
-
-def member_commands(root: Path, stages: list[str]) -> dict[str, str]:
-    """``{stage: command}`` for the given stages, as ``dvc.yaml`` (its matrix expanded) defines them."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return {name: repo.stage.collect(name)[0].cmd for name in stages}
-
-
-def changed_stages(root: Path, stages: list[str]) -> dict[str, Any]:
-    """Which of ``stages`` DVC would run: ``{stage: what changed}`` (one ``dvc status`` call).
-
-    Raises:
-        StageFailed: ``dvc status`` itself failed.
-    """
-    if not stages:
-        return {}
-    result = _dvc(root, "status", "--json", *stages)
-    if result.returncode != 0:
-        raise StageFailed(f"dvc status failed in {root}:\n{result.stderr.strip()[-2000:]}")
-    status = json.loads(result.stdout or "{}")
-    return {stage: status[stage] for stage in stages if stage in status}
-
-
-def dvc_repro(root: Path, *targets: str) -> str:
-    """``dvc repro TARGETS`` in ``root``; its output.
-
-    Raises:
-        StageFailed: the command failed (the message ends with its last lines).
-    """
-    result = _dvc(root, "repro", *targets)
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
-        raise StageFailed(f"dvc repro {' '.join(targets)} failed in {root}:\n{output[-3000:]}")
-    return output
 
 
 def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> dict[str, Any]:
@@ -94,7 +57,7 @@ def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> d
     Raises:
         StageFailed: the command failed (the message ends with its last output lines).
     """
-    env = _stage_env()
+    env = stage_env()
     if threads is not None:  # also for the BLAS libraries under torch
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     started = time.time()
@@ -129,7 +92,7 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
     from vae.config import load_params
 
     logger = get_run_logger()
-    params = load_params(root / "params.yaml")
+    params = load_params(root / PARAMS_FILE)
     declared = sweep.members(params.sweep)
     datasets = sorted({member.dataset for member in declared})
     output = dvc_repro(root, "--single-item", *[f"sweep-data@{dataset}" for dataset in datasets])
@@ -142,7 +105,7 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
         with contextlib.chdir(root):  # the store the stages use (MLflow's default is relative to the cwd)
             parent = sweep.sweep_run(params)
         logger.info("MLflow sweep run: %s", parent or "none (tracking off)")
-    commands = member_commands(root, list(changed))
+    commands = stage_commands(root, list(changed))
     logger.info("%d of %d members to run: %s", len(changed), len(stages), ", ".join(changed) or "none")
     futures = {stage: run_member.with_options(task_run_name=stage).submit(str(root), stage, commands[stage],
                                                                         params.sweep.threads)
@@ -155,9 +118,7 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
             failures.append(f"{stage}: {error}")
     finished = [record["stage"] for record in records]
     if finished:  # record in dvc.lock (and the DVC cache) what the members wrote, as `dvc repro` would
-        result = _dvc(root, "commit", "--force", *finished)
-        if result.returncode != 0:
-            raise StageFailed(f"dvc commit of {', '.join(finished)} failed in {root}:\n{result.stderr[-3000:]}")
+        commit_stages(root, finished)
     if failures:
         raise StageFailed(f"{len(failures)} of {len(changed)} sweep members failed (the {len(finished)} that "
                           "finished are recorded in dvc.lock; a re-run repeats only the failed ones):\n"

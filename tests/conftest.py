@@ -1,18 +1,17 @@
-"""Shared fixtures. Every test runs with MLflow pointed at a temporary store, so nothing is
-written to the repository's ``mlflow.db`` or ``mlruns/``."""
+"""Fixtures and hooks only; what the test modules share otherwise is in tests/support.py. Every
+test runs with MLflow pointed at a temporary store, so nothing is written to the repository's
+``mlflow.db`` or ``mlruns/``."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from support import REPO_ROOT, run_interrupted
 
 
 # The test files that take minutes, in the order pytest-xdist's workers should start them (the rest
@@ -27,33 +26,6 @@ SLOW_FILES = ("test_interruptions.py", "test_flows_e2e.py", "test_sweep_e2e.py",
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``."""
-    return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread (as subprocesses with OMP_NUM_THREADS=1), the global RNG left as it was."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def dataset_mirror() -> str | None:
-    """The dataset mirror tests use: ``VAE_DATA_MIRROR``, else ``../shared/datasets`` beside the
-    repository when present, else None (the upstream URLs)."""
-    configured = os.environ.get("VAE_DATA_MIRROR", "").strip()
-    if configured:
-        return configured
-    shared = REPO_ROOT.parent / "shared" / "datasets"
-    return str(shared) if shared.is_dir() else None
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -74,13 +46,11 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def interrupted_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The pipeline on tests/test_pipeline.py's small settings, in a temporary git copy of the
-    repository, run to the end through a kill -9 of each stage (tests/test_interruptions.py:
-    ``run_interrupted``, plain values). Shared by both modules, one run instead of two; under
-    pytest-xdist the first worker to ask runs it and the other reads its result (a file lock in
-    the run's common temporary folder)."""
-    from test_interruptions import run_interrupted
-
+    """The pipeline on tests/support.py's ``SMALL`` settings, in a temporary git copy of the
+    repository, run to the end through a kill -9 of each stage (``support.run_interrupted``, plain
+    values). Shared by tests/test_interruptions.py and tests/test_pipeline.py, one run instead of
+    two; under pytest-xdist the first worker to ask runs it and the other reads its result (a file
+    lock in the run's common temporary folder)."""
     base = tmp_path_factory.getbasetemp()
     common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     result = common / "interrupted_pipeline.json"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vae import __version__
+from vae import __version__, datasets
 from vae.cli import STAGES, build_parser, main
-from vae.data.sources import MIRROR_ENV, MNIST
+from vae.data.sources import MIRROR_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = ("download", "binarize", "train", "evaluate", "visualize", "report")
@@ -67,9 +67,9 @@ def test_help_lists_every_stage(tmp_path):
     result = run_vae(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     assert tuple(STAGES) == STAGE_NAMES
-    # One entry per stage, in the order they run, then the sweep's stages and the profile command.
+    # One entry per stage, in the order they run, then the sweep's stages, the profile and params commands.
     assert tuple(re.findall(r"^ {4}([\w-]+)", result.stdout, flags=re.MULTILINE)) == (
-        *STAGE_NAMES, "sweep-data", "sweep-member", "sweep-report", "profile")
+        *STAGE_NAMES, "sweep-data", "sweep-member", "sweep-report", "profile", "params")
     assert "VAE_DATA_MIRROR" in result.stdout
     assert result.stderr == ""
 
@@ -102,7 +102,7 @@ def test_download_with_an_empty_mirror_fails_cleanly(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "vae download: error: could not fetch a verified copy of" in result.stderr
-    first = MNIST.files[0].name
+    first = datasets.variant("mnist", "dynamic").source.files[0].name
     assert (mirror / "mnist").as_uri() + "/" + first in result.stderr
     assert "ossci-datasets" not in result.stderr  # the mirror replaces the upstream URLs
     assert files_under(tmp_path / "raw") == []  # no file, partial or otherwise

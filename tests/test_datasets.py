@@ -1,9 +1,10 @@
 """The static binarization of MNIST (``vae.data.binarized_mnist``), Frey Face (``vae.data.frey``),
-their sources (``vae.data.sources``), ``Split.values`` and the data stages' dispatch.
+their sources (the registry's, ``vae.datasets``, with ``vae.data.sources``), ``Split.values`` and the
+data stages' dispatch.
 
 Parsing and splitting are tested on small files the tests write (``.amat`` text, ``.mat`` via
 ``scipy.io.savemat``); the download and one parse of each real file use the shared dataset mirror
-(``tests/conftest.py``'s ``dataset_mirror()``) and are skipped without one.
+(``tests/support.py``'s ``dataset_mirror()``) and are skipped without one.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ import pytest
 import scipy.io
 import torch
 
-from conftest import dataset_mirror
-from vae import stages
+from support import amat_text, dataset_mirror, synthetic_faces
+from vae import datasets, stages
 from vae.config import DataConfig, params_from_dict
 from vae.data import binarized_mnist, frey
 from vae.data.binarized_mnist import LINE_BYTES, prepare_static_mnist, read_amat
 from vae.data.download import download_dataset, sha256_of
 from vae.data.frey import prepare_frey, read_frey
-from vae.data.sources import BINARIZED_MNIST, FREY, MIRROR_ENV, MNIST, SOURCES, base_urls, source_for
+from vae.data.sources import MIRROR_ENV, base_urls
 from vae.data.splits import FREY_SCALE, SPLITS, Split, load_split, load_splits
 from vae.errors import ConfigError, DataError
 
+SOURCES = datasets.sources()
+MNIST, BINARIZED_MNIST, FREY = SOURCES["mnist"], SOURCES["binarized_mnist"], SOURCES["frey"]
+
 # --------------------------------------------------------------------------- helpers
-
-
-def amat_text(images: np.ndarray) -> bytes:
-    """The .amat encoding of binary images (n, 784): one line each, values joined by spaces."""
-    return b"".join(b" ".join(b"1" if v else b"0" for v in row) + b"\n" for row in np.asarray(images))
 
 
 def random_binary(count: int, seed: int = 0) -> np.ndarray:
@@ -65,14 +64,6 @@ def write_mat(path: Path, **variables) -> Path:
     return path
 
 
-def synthetic_faces(count: int, seed: int = 0) -> np.ndarray:
-    """``ff`` as in the real file, uint8 (560, count); face i carries i in its first two pixels."""
-    faces = np.random.default_rng(seed).integers(0, 256, size=(count, 560), dtype=np.uint8)
-    faces[:, 0] = np.arange(count) % 256
-    faces[:, 1] = np.arange(count) // 256
-    return faces.T.copy()
-
-
 def face_ids(images: torch.Tensor) -> np.ndarray:
     return images[:, 0].long().numpy() + 256 * images[:, 1].long().numpy()
 
@@ -99,16 +90,16 @@ def expect_data_error(call, *fragments: str) -> str:
 
 @pytest.mark.parametrize("dataset, binarization, source", [
     ("mnist", "dynamic", MNIST), ("mnist", "static", BINARIZED_MNIST), ("frey", "none", FREY)])
-def test_source_for(dataset, binarization, source):
-    assert source_for(dataset, binarization) is source
+def test_variant_source(dataset, binarization, source):
+    assert datasets.variant(dataset, binarization).source is source
     assert SOURCES[source.name] is source
 
 
 @pytest.mark.parametrize("dataset, binarization", [
     ("mnist", "none"), ("frey", "dynamic"), ("frey", "static"), ("cifar", "dynamic"), ("binarized_mnist", "static")])
-def test_source_for_rejects_other_pairs(dataset, binarization):
+def test_variant_rejects_other_pairs(dataset, binarization):
     with pytest.raises(ConfigError) as caught:
-        source_for(dataset, binarization)
+        datasets.variant(dataset, binarization)
     message = str(caught.value)
     assert repr(dataset) in message and repr(binarization) in message
     for allowed in ("mnist + dynamic", "mnist + static", "frey + none"):

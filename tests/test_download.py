@@ -1,4 +1,4 @@
-"""``vae.data.download`` and ``vae.data.sources``: fetching, verifying and storing dataset files.
+"""``vae.data.download`` and ``vae.data.sources`` (with the registry's sources): fetching, verifying and storing dataset files.
 
 Every file here is synthetic and made by the test; it is served for real from a local folder
 (``file://`` URLs) and from an HTTP server on 127.0.0.1 started by the test. Only the last test
@@ -20,9 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from vae import datasets
 from vae.data.download import download_dataset, fetch_file, sha256_of
-from vae.data.sources import MIRROR_ENV, MNIST, SOURCES, DatasetSource, RemoteFile, base_urls, mirror_base_url
+from vae.data.sources import MIRROR_ENV, base_urls, mirror_base_url
+from vae.datasets import DatasetSource, RemoteFile
 from vae.errors import DataError, DownloadError
+
+SOURCES = datasets.sources()
+MNIST = datasets.variant("mnist", "dynamic").source
 
 TORCHVISION_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 

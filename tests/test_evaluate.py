@@ -8,28 +8,18 @@ fused evaluation path against the autograd path, float64 against float32, and ed
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
+from support import binary_images, small_model
 from vae import objectives
 from vae.evaluate import SplitEvaluation, evaluate_split
-from vae.model import VAE
 
-
-def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> VAE:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = VAE(input_dim=784, hidden_dim=48, latent_dim=6)
-        # Sharper weights than the default init so that log-weights vary (a stricter test).
-        for parameter in model.parameters():
-            parameter.data.mul_(3.0)
-    return model.to(dtype).eval()
-
-
-def binary_data(count: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(count, 784, generator=generator) < 0.3).to(dtype)
+# Sharper weights than the default init so that log-weights vary (a stricter test).
+make_model = partial(small_model, input_dim=784, hidden_dim=48, latent_dim=6, weight_scale=3.0, eval_mode=True)
+binary_data = partial(binary_images, seed=1)
 
 
 def estimate(model, x, k, max_pairs=4096, seed=0, curve=()):
@@ -98,7 +88,7 @@ def test_fused_bernoulli_log_prob_is_finite_and_exact_for_extreme_logits() -> No
 
 def test_float64_agrees_with_float32() -> None:
     x32 = binary_data(8)
-    model32, model64 = make_model(torch.float32), make_model(torch.float64)
+    model32, model64 = make_model(dtype=torch.float32), make_model(dtype=torch.float64)
     result32 = estimate(model32, x32, 300, max_pairs=500, curve=(1, 30))
     result64 = estimate(model64, x32.double(), 300, max_pairs=500, curve=(1, 30))
     torch.testing.assert_close(result64.log_likelihood.float(), result32.log_likelihood, rtol=0, atol=2e-3)

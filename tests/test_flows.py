@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
-from flows import pipeline
+from support import REPO_ROOT
+from flows import dvc_repo, pipeline
 from flows.__main__ import build_parser
 from vae.errors import ConfigError, VaeError
 
@@ -81,8 +81,8 @@ def harness():
 
 
 def test_stage_order_follows_dvcs_graph(tmp_path) -> None:
-    assert pipeline.stage_order(make_repo(tmp_path / "repo")) == ORDER
-    order = pipeline.stage_order(REPO_ROOT)
+    assert dvc_repo.stage_order(make_repo(tmp_path / "repo")) == ORDER
+    order = dvc_repo.stage_order(REPO_ROOT)
     main = [stage for stage in order if not stage.startswith("sweep")]
     assert main == ["download", "binarize", "train", "evaluate", "visualize", "report"]
     members = [stage for stage in order if stage.startswith(("sweep-mnist@", "sweep-frey@"))]
@@ -93,28 +93,28 @@ def test_stage_order_follows_dvcs_graph(tmp_path) -> None:
 
 
 def test_overrides_in_dvc_exp_run_syntax() -> None:
-    assert pipeline.overrides_for(None, epochs=3, latent_dim=2) == [
+    assert dvc_repo.overrides_for(None, epochs=3, latent_dim=2) == [
         "++train.epochs=3", "++train.training_samples=null", "++model.latent_dim=2"]
-    assert pipeline.overrides_for(["train.batch_size=50"], dataset="frey", seed=None) == [
+    assert dvc_repo.overrides_for(["train.batch_size=50"], dataset="frey", seed=None) == [
         '++data.dataset="frey"', "train.batch_size=50"]
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
-        pipeline.overrides_for(["train.batch_size"])
+        dvc_repo.overrides_for(["train.batch_size"])
     with pytest.raises(ConfigError, match="unknown flow parameter 'batch'"):
-        pipeline.overrides_for(None, batch=3)
+        dvc_repo.overrides_for(None, batch=3)
 
 
 def test_overridden_params_restores_the_file_byte_for_byte(tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
     original = (root / "params.yaml").read_bytes()
-    with pipeline.overridden_params(root, ["++model.latent_dim=7", "++train.epochs=3"]) as params:
+    with dvc_repo.overridden_params(root, ["++model.latent_dim=7", "++train.epochs=3"]) as params:
         assert params.model.latent_dim == 7 and params.train.epochs == 3
         on_disk = yaml.safe_load((root / "params.yaml").read_text())
         assert on_disk["model"]["latent_dim"] == 7
-        assert (root / pipeline.BACKUP).read_bytes() == original
+        assert (root / dvc_repo.BACKUP).read_bytes() == original
     assert (root / "params.yaml").read_bytes() == original
-    assert not (root / pipeline.BACKUP).exists()
+    assert not (root / dvc_repo.BACKUP).exists()
 
-    with pytest.raises(RuntimeError, match="stage blew up"), pipeline.overridden_params(root, ["++model.latent_dim=9"]):
+    with pytest.raises(RuntimeError, match="stage blew up"), dvc_repo.overridden_params(root, ["++model.latent_dim=9"]):
         raise RuntimeError("stage blew up")
     assert (root / "params.yaml").read_bytes() == original
 
@@ -123,10 +123,10 @@ def test_bad_overrides_are_refused_and_leave_params_as_they_were(tmp_path) -> No
     root = make_repo(tmp_path / "repo")
     original = (root / "params.yaml").read_bytes()
     with pytest.raises(ConfigError, match="cannot be applied"), \
-            pipeline.overridden_params(root, ["model.no_such_key=1"]):
+            dvc_repo.overridden_params(root, ["model.no_such_key=1"]):
         pass
     assert (root / "params.yaml").read_bytes() == original
-    with pytest.raises(ConfigError, match="latent_dim"), pipeline.overridden_params(root, ["model.latent_dim=-1"]):
+    with pytest.raises(ConfigError, match="latent_dim"), dvc_repo.overridden_params(root, ["model.latent_dim=-1"]):
         pass
     assert (root / "params.yaml").read_bytes() == original
 
@@ -135,25 +135,25 @@ def test_params_left_edited_by_a_killed_flow_are_restored_first(tmp_path) -> Non
     root = make_repo(tmp_path / "repo")
     original = (root / "params.yaml").read_bytes()
     # What a flow killed inside overridden_params leaves behind: the edited file and the backup.
-    (root / pipeline.BACKUP).write_bytes(original)
+    (root / dvc_repo.BACKUP).write_bytes(original)
     (root / "params.yaml").write_text(original.decode().replace("latent_dim: 20", "latent_dim: 3"))
-    with pipeline.overridden_params(root, []) as params:
+    with dvc_repo.overridden_params(root, []) as params:
         assert params.model.latent_dim == 20
-    assert (root / "params.yaml").read_bytes() == original and not (root / pipeline.BACKUP).exists()
+    assert (root / "params.yaml").read_bytes() == original and not (root / dvc_repo.BACKUP).exists()
 
 
 def test_one_flow_at_a_time_per_repository(tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
-    with pipeline.repository_lock(root):
-        with pytest.raises(VaeError, match="another vae flow is running"), pipeline.repository_lock(root):
+    with dvc_repo.repository_lock(root):
+        with pytest.raises(VaeError, match="another vae flow is running"), dvc_repo.repository_lock(root):
             pass
-    with pipeline.repository_lock(root):  # released
+    with dvc_repo.repository_lock(root):  # released
         pass
 
 
 def test_repository_must_hold_the_pipeline(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no dvc.yaml, params.yaml"):
-        pipeline.repository(tmp_path)
+        dvc_repo.repository(tmp_path)
 
 
 def test_only_the_download_task_retries() -> None:
@@ -205,7 +205,7 @@ def test_a_failing_stage_fails_the_flow_and_restores_params(harness, tmp_path) -
     original = (root / "params.yaml").read_bytes()
     state = pipeline.vae_pipeline(set_params=["train.epochs=13"], repo=str(root), return_state=True)
     assert state.is_failed()
-    with pytest.raises(pipeline.StageFailed, match=r"stage check failed[\s\S]*epochs = 13 is refused"):
+    with pytest.raises(dvc_repo.StageFailed, match=r"stage check failed[\s\S]*epochs = 13 is refused"):
         state.result()
     assert (root / "params.yaml").read_bytes() == original
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -256,3 +256,14 @@ def test_servers_the_flows_start_listen_on_loopback_only(harness) -> None:
         assert len(cluster.workers) == 2
     assert len(dask_side) >= len(prefect_side) + 3, dask_side  # the scheduler and two workers at least
     assert {ip for _, ip, _ in dask_side} <= {"127.0.0.1", "::1"}, dask_side
+
+
+def test_flows_modules_import_no_private_names() -> None:
+    """What flows share goes through public names (DVC and the repository: flows.dvc_repo)."""
+    import ast
+
+    for path in sorted((REPO_ROOT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("flows", "vae")):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

@@ -20,7 +20,6 @@ write their files into one module-scoped folder.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 import resource
@@ -36,8 +35,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 
-from test_datasets import amat_text, synthetic_faces
-from test_mnist import idx_bytes
+from support import amat_text, idx_bytes, synthetic_faces
 from vae import profile
 from vae.config import Params, load_params, params_from_dict
 from vae.data.binarized_mnist import PIXELS, read_amat
@@ -377,7 +375,7 @@ def test_frey_damaged_files(folder, kind, form, edits):
 # --------------------------------------------------------------------------- params.yaml
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Params)]
+SECTIONS = list(Params.model_fields)
 FIELD_NAMES = sorted({key for section in Params().to_dict().values() if isinstance(section, dict) for key in section})
 CHOICES = ["mnist", "frey", "dynamic", "static", "none", "aevb", "wake-sleep", "adam", "adagrad", "elbo", "iwae",
            "constant", "auto", "cpu", "cuda", "pca", "tsne", "quick", "full", "1e-3", "nan", "inf", "-1", "1e999", ""]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from support import idx_bytes
 from vae.config import DataConfig
 from vae.data.mnist import FILES, IMAGE_MAGIC, LABEL_MAGIC, prepare_mnist, read_idx_images, read_idx_labels
 from vae.data.splits import SPLITS, Split, load_split, load_splits
@@ -24,10 +25,6 @@ ID_BITS = 16  # 2**16 > 60000
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def idx_bytes(magic: int, dims: tuple[int, ...], body: bytes) -> bytes:
-    return struct.pack(f">{len(dims) + 1}I", magic, *dims) + body
 
 
 def write_images(path: Path, images: np.ndarray) -> Path:

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from torch.distributions import Normal
 
 import vae
-from conftest import generator
+from support import REPO_ROOT, binary_images, generator, small_model
 from vae import objectives
 from vae.errors import CheckpointError
 from vae.model import (
@@ -29,17 +30,7 @@ from vae.model import (
 )
 
 INPUT_DIM, HIDDEN_DIM, LATENT_DIM = 784, 32, 4
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_vae(seed: int = 0) -> VAE:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return VAE(INPUT_DIM, HIDDEN_DIM, LATENT_DIM)
-
-
-def binary_images(count: int, seed: int = 0) -> torch.Tensor:
-    return (torch.rand(count, INPUT_DIM, generator=generator(seed)) < 0.3).float()
+make_vae = partial(small_model, input_dim=INPUT_DIM, hidden_dim=HIDDEN_DIM, latent_dim=LATENT_DIM)
 
 
 @pytest.fixture

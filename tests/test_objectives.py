@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from conftest import generator
+from support import generator
 from vae.objectives import (
     active_units,
     bernoulli_log_prob,

@@ -4,46 +4,22 @@ pipeline wrote, queried through the REST API the UI uses."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, dataset_mirror
+from support import Pipeline, git, running_mlflow_server, set_params, shared_pipeline
 
 pytestmark = pytest.mark.e2e
 
-SMALL = {
-    "data": {"train_subset": 2000, "eval_subset": 500},
-    "model": {"latent_dim": 2, "hidden_dim": 64},
-    # A checkpoint after every pass: tests/test_interruptions.py kills training after the first.
-    "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5, "checkpoint_interval": 0},
-    "evaluate": {"importance_samples": 50, "device": "cpu"},
-    "visualize": {"latent_points": 500, "manifold_grid": 8},
-}
-# The latent-size sweep at its smallest: one tiny Frey Face member (tests/test_sweep_e2e.py runs more).
-ONE_MEMBER_SWEEP = {
-    "algorithms": ["aevb"], "seeds": [0], "latent_dims": {"mnist": [], "frey": [2]}, "threads": 1,
-    "settings": {"mnist": {"data": {"binarization": "dynamic", "train_subset": 600, "eval_subset": 200}},
-                 "frey": {"data": {"binarization": "none"}, "model": {"hidden_dim": 32},
-                          "train": {"epochs": None, "training_samples": 6000, "curve_points": 5, "elbo_eval_size": 500,
-                                    "checkpoint_interval": 0, "device": "cpu"},
-                          "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 200,
-                                       "device": "cpu"}}}}
-SMALL["sweep"] = ONE_MEMBER_SWEEP
 STAGES = ("download", "binarize", "train", "evaluate", "visualize", "sweep-data@mnist", "sweep-data@frey",
           "sweep-frey@2-aevb-0", "sweep-report", "report")
 # The figures the report shows for this latent_dim = 2 MNIST run (samples.png is the same draws as
@@ -52,96 +28,18 @@ FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_his
            "prior_samples_by_latent_dim", "reconstructions", "latent_space")
 
 
-def _copy_repo(destination: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-
-
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
-                   cwd=cwd, check=True, capture_output=True)
-
-
-def _set_params(path: Path, overrides: dict) -> None:
-    params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _remove_sweep(path: Path) -> None:
-    stages = yaml.safe_load(path.read_text())
-    stages["stages"] = {name: stage for name, stage in stages["stages"].items() if not name.startswith("sweep")}
-    report = stages["stages"]["report"]
-    report["deps"] = [dep for dep in report["deps"] if "/sweep/" not in dep]
-    report["params"] = [name for name in report["params"] if name != "sweep"]
-    path.write_text(yaml.safe_dump(stages, sort_keys=False))
-    lock_path = path.with_name("dvc.lock")
-    if lock_path.is_file():
-        lock = yaml.safe_load(lock_path.read_text())
-        lock["stages"] = {name: entry for name, entry in lock["stages"].items() if not name.startswith("sweep")}
-        lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
-
-
-class Pipeline:
-    """A temporary copy of the repository with its own MLflow store."""
-
-    def __init__(self, root: Path, store: Path) -> None:
-        self.root, self.store = root, store
-        self.env = {**os.environ,
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "DVC_NO_ANALYTICS": "1",
-                    "MLFLOW_DISABLE_TELEMETRY": "true"}
-        mirror = dataset_mirror()
-        if mirror:
-            self.env["VAE_DATA_MIRROR"] = mirror
-
-    def dvc(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.root, env=self.env,
-                                capture_output=True, text=True, timeout=900)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output}"
-        return output
-
-    def json(self, relative: str) -> dict:
-        return json.loads((self.root / relative).read_text())
-
-    @classmethod
-    def copy_of_repository(cls, factory: pytest.TempPathFactory, params: dict | None = None,
-                           sweep: bool = True) -> Pipeline:
-        """A committed git copy of this repository (``params`` merged into its params.yaml) with
-        its own MLflow store; ``sweep=False`` removes the latent-size sweep's stages from its
-        dvc.yaml (and the report's dependencies on them), for tests about the rest."""
-        root = factory.mktemp("repo")
-        _copy_repo(root)
-        if params:
-            _set_params(root / "params.yaml", params)
-        if not sweep:
-            _remove_sweep(root / "dvc.yaml")
-        _git(root, "init", "-q")
-        _git(root, "add", "-A")
-        _git(root, "commit", "-qm", "test copy")
-        return cls(root, factory.mktemp("store") / "mlflow.db")
-
-
 @pytest.fixture(scope="module")
 def pipeline(interrupted_pipeline: dict) -> Pipeline:
-    """The pipeline on SMALL, run to the end through a kill -9 of each stage (tests/conftest.py's
+    """The pipeline on support.SMALL, run to the end through a kill -9 of each stage (tests/conftest.py's
     ``interrupted_pipeline``): what it left must be what an uninterrupted ``dvc repro`` leaves.
     ``first_output`` holds the output of every ``dvc repro`` it took."""
-    from test_interruptions import shared_pipeline
-
     return shared_pipeline(interrupted_pipeline)
 
 
 def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> None:
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in pipeline.first_output
+    # The copy started without outputs (they are not in git): every stage's are there now.
+    stamps = pipeline.output_stamps()
+    assert [stage for stage in STAGES if not stamps.get(stage)] == []
     root = pipeline.root
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
@@ -258,10 +156,18 @@ def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None
     assert "(figures/manifold.png)" in markdown
 
 
+def _keys(tree: object) -> set[str]:
+    """Every key of every mapping nested in ``tree`` (parsed JSON)."""
+    if isinstance(tree, dict):
+        return set(tree) | {key for value in tree.values() for key in _keys(value)}
+    if isinstance(tree, list):
+        return {key for value in tree for key in _keys(value)}
+    return set()
+
+
 def test_dvc_metrics_and_plots_render(pipeline: Pipeline) -> None:
     shown = json.loads(pipeline.dvc("metrics", "show", "--json"))
-    values = json.dumps(shown)
-    assert "test_log_likelihood" in values
+    assert "test_log_likelihood" in _keys(shown)
     plots = json.loads(pipeline.dvc("plots", "show", "--json"))["data"]
     assert set(plots) == {"ELBO per epoch", "ELBO per minibatch", "Bound tightness (L_k against k)"}, list(plots)
     rows = plots["ELBO per epoch"][0]["content"]["data"]["values"]
@@ -276,53 +182,28 @@ def test_dvc_metrics_and_plots_render(pipeline: Pipeline) -> None:
 
 
 def test_second_repro_does_nothing_and_an_epochs_change_reruns_from_train(pipeline: Pipeline) -> None:
-    again = pipeline.dvc("repro")
-    assert "Running stage" not in again
-    assert "Data and pipelines are up to date" in again
-    assert "changed" not in pipeline.dvc("status")
+    before = pipeline.output_stamps()
+    pipeline.dvc("repro")
+    assert pipeline.stages_rerun(before) == set()
+    assert pipeline.status() == {}
 
-    _git(pipeline.root, "add", "dvc.lock")
-    _git(pipeline.root, "commit", "-qm", "two passes")
+    git(pipeline.root, "add", "dvc.lock")
+    git(pipeline.root, "commit", "-qm", "two passes")
     before = pipeline.json("reports/metrics.json")
-    _set_params(pipeline.root / "params.yaml", {"train": {"epochs": 3}})
-    changed = pipeline.dvc("repro")
-    for stage in ("download", "binarize"):
-        assert f"Running stage '{stage}'" not in changed
-    for stage in ("train", "evaluate", "visualize", "report"):
-        assert f"Running stage '{stage}'" in changed
+    stamps = pipeline.output_stamps()
+    set_params(pipeline.root / "params.yaml", {"train": {"epochs": 3}})
+    pipeline.dvc("repro")
+    rerun = pipeline.stages_rerun(stamps)
+    assert not rerun & {"download", "binarize"}, rerun
+    assert {"train", "evaluate", "visualize", "report"} <= rerun, rerun
     after = pipeline.json("reports/metrics.json")
     assert after["epochs"] == 3
-    assert "Data and pipelines are up to date" in pipeline.dvc("status")
+    assert pipeline.status() == {}
     # `dvc metrics diff`: the committed run's metrics (from the cache, through HEAD's dvc.lock) beside these.
     diff = json.loads(pipeline.dvc("metrics", "diff", "--json"))["reports/metrics.json"]
     assert diff["epochs"] == {"old": 2, "new": 3, "diff": 1}
     assert diff["test_log_likelihood"]["old"] == before["test_log_likelihood"]
     assert diff["test_log_likelihood"]["new"] == after["test_log_likelihood"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> float:
-    """Poll ``url`` until it answers 200; returns the seconds waited.
-
-    Raises:
-        AssertionError: the server exited or did not answer in ``timeout`` s (with its log's tail).
-    """
-    started = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() - started > timeout:
-            raise AssertionError(f"{url} did not become healthy:\n" + log.read_text()[-3000:])
-        time.sleep(0.5)
 
 
 def _get(base: str, endpoint: str, **query: str) -> dict:
@@ -336,30 +217,6 @@ def _post(base: str, endpoint: str, body: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-@contextlib.contextmanager
-def running_mlflow_server(store: Path, cwd: Path, env: dict, *options: str) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 over the SQLite ``store`` (its log beside it); yields
-    its base URL once it answers /health, and stops it afterwards."""
-    port = _free_port()
-    log_path = store.parent / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
-            cwd=cwd, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(server, f"{base}/health", log_path)
-            yield base
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, 9)
 
 
 @pytest.fixture(scope="module")
@@ -493,12 +350,12 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
     MLflow params are final: a re-evaluation with another k must not fail on the training
     run's params; it logs to a child run, which visualize and report follow."""
     before = pipeline.json("reports/metrics.json")
-    _set_params(pipeline.root / "params.yaml", {"evaluate": {"importance_samples": 20}})
-    output = pipeline.dvc("repro")
-    for stage in ("download", "binarize", "train"):
-        assert f"Running stage '{stage}'" not in output
-    for stage in ("evaluate", "visualize", "report"):
-        assert f"Running stage '{stage}'" in output
+    stamps = pipeline.output_stamps()
+    set_params(pipeline.root / "params.yaml", {"evaluate": {"importance_samples": 20}})
+    pipeline.dvc("repro")
+    rerun = pipeline.stages_rerun(stamps)
+    assert not rerun & {"download", "binarize", "train"}, rerun
+    assert {"evaluate", "visualize", "report"} <= rerun, rerun
     after = pipeline.json("reports/metrics.json")
     trained = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
     assert after["importance_samples"] == 20 and after["mlflow_run_id"] not in (None, trained)
@@ -522,10 +379,10 @@ def test_a_second_latent_size_joins_figures_2_and_5(pipeline: Pipeline) -> None:
     """After the module's other tests (it trains another model): a run with latent_dim = 3 draws the
     latest finished latent_dim = 2 run from the MLflow store beside itself in Figures 2 and 5."""
     previous = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
-    _set_params(pipeline.root / "params.yaml", {"model": {"latent_dim": 3}})
-    output = pipeline.dvc("repro")
-    for stage in ("train", "evaluate", "visualize", "report"):
-        assert f"Running stage '{stage}'" in output
+    stamps = pipeline.output_stamps()
+    set_params(pipeline.root / "params.yaml", {"model": {"latent_dim": 3}})
+    pipeline.dvc("repro")
+    assert {"train", "evaluate", "visualize", "report"} <= pipeline.stages_rerun(stamps)
     current = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
     runs = pipeline.json("reports/figures/figure_runs.json")
     for figure in ("lower_bound_runs", "prior_samples_by_latent_dim"):

@@ -92,8 +92,10 @@ def test_first_model_becomes_champion(client, base) -> None:
     first = register(client, base)
     decision = registry.promote_if_better(client, NAME, first)
     assert decision.promoted and champion(client) == first
-    assert tags(client, first)["champion_decision"] == "promoted"
-    assert "first model" in tags(client, first)["champion_reason"]
+    recorded = tags(client, first)
+    assert recorded["champion_decision"] == "promoted"
+    # Promoted as the first model, without a comparison: compared with itself, no paired numbers.
+    assert recorded["compared_with_version"] == first and "paired_difference" not in recorded
 
 
 def test_better_model_is_promoted_and_the_old_one_marked(client, base) -> None:
@@ -160,7 +162,8 @@ def test_other_test_images_need_a_reevaluation(client, base) -> None:
 
     decision = registry.promote_if_better(client, NAME, new, reevaluate=reevaluate)
     assert seen == [first] and decision.promoted and champion(client) == new
-    assert "re-evaluated" in tags(client, new)["champion_reason"]
+    # Compared on the challenger's 100 test images (the champion's re-evaluation), not the champion's 400.
+    assert tags(client, new)["paired_examples"] == "100" and tags(client, first)["superseded_by"] == new
 
 
 def test_missing_version_and_missing_artifact_are_clear_errors(client, base) -> None:

@@ -1,68 +1,137 @@
-"""The report stage on files the test writes: values are escaped, images embedded, numbers shown."""
+"""The report stage on files the test writes: values are escaped, images embedded, numbers shown;
+the context holds data only, and both formats state the same text."""
 
 from __future__ import annotations
 
 import base64
-import dataclasses
+import html as html_text
 import json
+import re
 
 import pytest
 
-from vae import report
+from vae import datasets, report
 from vae.config import Params, PathsConfig
 from vae.errors import VaeError
+from vae.io import read_json
 
 PNG_1x1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 HOSTILE = "<script>alert('x')</script>"
+METRICS = {
+    "dataset": "mnist", "binarization": "dynamic", "latent_dim": 20, "hidden_dim": 500, "epochs": 3,
+    "importance_samples": 50, "test_examples": 100, "test_log_likelihood": -97.1234,
+    "test_log_likelihood_stderr": 0.4321, "test_elbo": -101.5, "train_examples_evaluated": 200,
+    "train_log_likelihood": -96.25, "train_log_likelihood_stderr": 0.5, "train_test_gap": 0.87,
+    "train_elbo": -100.0, "valid_elbo": -101.0, "active_units": 17,
+    "bound_curve": {"1": -101.6, "5": -99.3, "50": -97.1234},
+    "train_seconds": 12.0, "evaluate_seconds": 3.0,
+}
+FIGURES = ("samples", "elbo_curves", "lower_bound_runs", "prior_samples_by_latent_dim")
+
+
+def _write_inputs(reports, metrics=METRICS, summary=None, figures=FIGURES, runs=None):
+    """The evaluate, train and visualize stages' outputs in ``reports``; the parameters reading them."""
+    (reports / "figures").mkdir(parents=True, exist_ok=True)
+    for name in figures:
+        (reports / "figures" / f"{name}.png").write_bytes(PNG_1x1)
+    if runs is None:
+        run = {"run_id": "abc123", "name": HOSTILE, "dataset": "mnist", "binarization": "dynamic",
+               "profile": "quick", "latent_dim": 5, "current": False, "held_out": "validation", "points": 3}
+        this = {**run, "run_id": None, "name": "this run", "latent_dim": 20, "current": True, "held_out": "test"}
+        runs = {"lower_bound_runs": [run, this], "prior_samples_by_latent_dim": [run, this]}
+    (reports / "figures" / "figure_runs.json").write_text(json.dumps(runs))
+    (reports / "metrics.json").write_text(json.dumps(metrics))
+    summary = summary or {"train_examples": 50000, "examples_seen": 150000, "device": HOSTILE, "mlflow_run_id": None}
+    (reports / "train_summary.json").write_text(json.dumps(summary))
+    return Params().replace(paths=PathsConfig(raw=HOSTILE, reports=str(reports)))
 
 
 @pytest.fixture
 def written(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_TRACKING", "off")
     reports = tmp_path / "reports"
-    (reports / "figures").mkdir(parents=True)
-    for name in ("samples", "elbo_curves", "lower_bound_runs", "prior_samples_by_latent_dim"):
-        (reports / "figures" / f"{name}.png").write_bytes(PNG_1x1)
-    run = {"run_id": "abc123", "name": HOSTILE, "dataset": "mnist", "binarization": "dynamic", "profile": "quick",
-           "latent_dim": 5, "current": False, "held_out": "validation", "points": 3}
-    this = {**run, "run_id": None, "name": "this run", "latent_dim": 20, "current": True, "held_out": "test"}
-    (reports / "figures" / "figure_runs.json").write_text(json.dumps(
-        {"lower_bound_runs": [run, this], "prior_samples_by_latent_dim": [run, this]}))
-    metrics = {
-        "dataset": "mnist", "binarization": "dynamic", "latent_dim": 20, "hidden_dim": 500, "epochs": 3,
-        "importance_samples": 50, "test_examples": 100, "test_log_likelihood": -97.1234,
-        "test_log_likelihood_stderr": 0.4321, "test_elbo": -101.5, "train_examples_evaluated": 200,
-        "train_log_likelihood": -96.25, "train_log_likelihood_stderr": 0.5, "train_test_gap": 0.87,
-        "train_elbo": -100.0, "valid_elbo": -101.0, "active_units": 17,
-        "bound_curve": {"1": -101.6, "5": -99.3, "50": -97.1234},
-        "train_seconds": 12.0, "evaluate_seconds": 3.0,
-    }
-    (reports / "metrics.json").write_text(json.dumps(metrics))
-    summary = {"train_examples": 50000, "examples_seen": 150000, "device": HOSTILE, "mlflow_run_id": None}
-    (reports / "train_summary.json").write_text(json.dumps(summary))
-    paths = PathsConfig(raw=HOSTILE, reports=str(reports))
-    params = dataclasses.replace(Params(), paths=paths)
+    params = _write_inputs(reports)
     report.run(params, progress=False)
-    return reports, metrics
+    return reports, METRICS
+
+
+def _context(reports, params=None):
+    params = params or Params().replace(paths=PathsConfig(reports=str(reports)))
+    return report.build_context(params, read_json(params.paths.metrics), read_json(params.paths.train_summary),
+                                params.paths.figures)
+
+
+def _md_cell(text: str) -> str:
+    """A Markdown table cell's text as written before markdown_escape."""
+    return html_text.unescape(re.sub(r"\\([|`*_\[\]])", r"\1", text.strip()))
+
+
+def md_table(markdown: str, heading: str) -> list[list[str]]:
+    """The rows (cells unescaped) of the first table after the line ``heading``, header row excluded."""
+    lines = markdown.split(heading + "\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([_md_cell(cell) for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return rows
+
+
+def html_table(page: str, heading: str) -> list[list[str]]:
+    """The rows (cells as text; a row of header cells only is left out) of the first table after ``heading``."""
+    table = page.split(heading, 1)[1].split("<table>", 1)[1].split("</table>", 1)[0]
+    rows = []
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S):
+        cells = re.findall(r"<t([hd])[^>]*>(.*?)</t[hd]>", row, re.S)
+        if all(kind == "h" for kind, _ in cells):
+            continue
+        rows.append([html_text.unescape(re.sub(r"<[^>]+>", "", cell)) for _, cell in cells])
+    return rows
+
+
+def md_figures(markdown: str) -> list[tuple[str, str, str]]:
+    """(path, title, caption) of each figure of the Markdown report, in order."""
+    return [(path, _md_cell(title), _md_cell(caption)) for path, title, caption in
+            re.findall(r"^!\[[^\n]*\]\(([^)\s]+)\)\n\n\*\*(.+?)\.\*\* ([^\n]*)$", markdown, re.M)]
+
+
+def html_figures(page: str) -> list[tuple[str, str]]:
+    """(title, caption) of each figure of the HTML report, in order."""
+    return [(html_text.unescape(title), html_text.unescape(caption))
+            for title, caption in re.findall(r"<figcaption><b>(.*?)\.</b> (.*?)</figcaption>", page, re.S)]
 
 
 def test_html_escapes_values_and_embeds_images(written) -> None:
     reports, metrics = written
     html = (reports / "report.html").read_text()
+    markdown = (reports / "report.md").read_text()
     assert HOSTILE not in html and "<script>" not in html
     assert "&lt;script&gt;" in html
-    # Figure 5 present: samples.png (the same draws as this run's panel) is not shown twice.
+    # Figure 5 present: samples.png (the same draws as this run's panel) is not shown twice; Figure 2 first.
     assert html.count("data:image/png;base64,") == 3
-    assert "cf. AEVB Figure 2" in html and "cf. AEVB Figure 5" in html and 'alt="Samples from the prior"' not in html
-    assert html.index("cf. AEVB Figure 2") < html.index("This run&#39;s training curves") < html.index("cf. AEVB Figure 5")
-    assert "Shown: N_z = 5, N_z = 20 (this run)." in html
-    assert "Dotted: validation ELBO" in html  # a run without a per-pass test ELBO is not called test
+    figures = md_figures(markdown)
+    assert [path for path, _, _ in figures] == [
+        "figures/lower_bound_runs.png", "figures/elbo_curves.png", "figures/prior_samples_by_latent_dim.png"]
+    context = _context(reports)
+    assert [f["name"] for f in context["figures"]] == ["lower_bound_runs", "elbo_curves", "prior_samples_by_latent_dim"]
+    figure_5 = context["figures"][2]
+    assert [(run["latent_dim"], run["current"]) for run in figure_5["runs"]] == [(5, False), (20, True)]
+    caption_2, caption_5 = figures[0][2], figures[2][2]
+    assert "N_z = 5" in caption_5 and "N_z = 20 (this run)" in caption_5  # the runs Figure 5 shows
+    assert "Runs shown: 2." in caption_2
+    assert "validation ELBO" in caption_2  # a run without a per-pass test ELBO is not called test
     assert "abc123 (&lt;script&gt;" in html  # the run name, escaped
     for value in ("-97.12 ± 0.43", "-96.25 ± 0.50", "-101.50", "17 of 20", "-99.30"):
         assert value in html, value
-    assert "Table 1" in html  # published numbers of the same (dynamic) binarization
-    assert "Table 3" not in html  # static-binarization numbers never shown beside dynamic ones
+    # Published numbers of the same (dynamic) binarization only: the registry's, never static ones.
+    assert context["references"] == datasets.comparable("mnist", "dynamic")
+    assert {ref.where for ref in context["references"]} == {"Table 1"}
+    assert "Table 1" in html and "Table 3" not in html
+    rows = md_table(markdown, "### Beside published numbers (dynamic binarization only)")
+    assert rows[0][0] == "**this run**" and rows[0][-1] == "**-97.12**"
+    assert [float(row[-1]) for row in rows[1:]] == [ref.log_likelihood for ref in context["references"]]
 
 
 def test_markdown_escapes_values_and_links_figures(written) -> None:
@@ -79,16 +148,23 @@ def test_markdown_escapes_values_and_links_figures(written) -> None:
 def test_setup_and_provenance_rows(written) -> None:
     reports, _ = written
     markdown = (reports / "report.md").read_text()
-    for row in ("| hardware |", "| software |", "| training wall time | 12.0 s |", "| MLflow run | not tracked |",
-                "| reproduce |", "| git commit |"):
-        assert row in markdown, row
-    assert "| Fig. 2 | 5 | mnist | dynamic | quick | validation | abc123" in markdown
+    setup = dict(md_table(markdown, "## 1. Set-up"))
+    assert setup["hardware"] == HOSTILE and setup["software"] == "not recorded"
+    assert setup["training wall time"] == "12.0 s"
+    assert setup["dataset"].startswith("mnist (50000 train / 100 test examples")
+    assert setup["architecture"].startswith("784-500-20 ")
+    provenance = dict(md_table(markdown, "## 4. Provenance"))
+    assert provenance["MLflow run"] == "not tracked"
+    assert {"git commit", "reproduce"} <= set(provenance)
+    runs = md_table(markdown, "### Runs behind Figures 2 and 5 (MLflow tracking store)")
+    assert runs[0] == ["Fig. 2", "5", "mnist", "dynamic", "quick", "validation", f"abc123 ({HOSTILE})"]
+    assert [row[0] for row in runs] == ["Fig. 2", "Fig. 2", "Fig. 5", "Fig. 5"]
 
 
 def test_damaged_figure_runs_file_is_named(written) -> None:
     reports, metrics = written
     (reports / "figures" / "figure_runs.json").write_text("[1, 2")
-    params = dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports)))
+    params = Params().replace(paths=PathsConfig(reports=str(reports)))
     with pytest.raises(VaeError, match="figure_runs.json: not valid JSON"):
         report.run(params, progress=False)
 
@@ -131,7 +207,7 @@ def test_a_rewritten_dvc_lock_alone_is_not_an_uncommitted_change(tmp_path, monke
     call the run's code uncommitted for that, but must for any other tracked change."""
     import subprocess
 
-    from vae.tracking import git_dirty
+    from vae.provenance import git_dirty
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=tmp_path,
@@ -171,7 +247,7 @@ def _write_sweep(reports, rows=SWEEP_ROWS, header=SWEEP_HEADER, figure=PNG_1x1):
 
 
 def _rerun(reports):
-    report.run(dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports))), progress=False)
+    report.run(Params().replace(paths=PathsConfig(reports=str(reports))), progress=False)
     return (reports / "report.html").read_text(), (reports / "report.md").read_text()
 
 
@@ -181,31 +257,44 @@ def test_sweep_section_shows_the_figure_and_the_members(written) -> None:
     _write_sweep(reports)
     html, markdown = _rerun(reports)
     assert html.count("data:image/png;base64,") == before + 1  # the sweep's figure, embedded
-    assert 'alt="Latent-size sweep (cf. AEVB Figure 2)"' in html
-    assert html.index("This run&#39;s training curves") < html.index("Latent-size sweep (cf. AEVB Figure 2)") \
-        < html.index("Provenance</h2>")
-    assert "<h2>5. Provenance</h2>" in html
-    assert "The quick sweep (params.sweep.size) with 2 members" in html and "k = 100 importance samples" in html
-    assert "has not run" not in html
+    paths = [path for path, _, _ in md_figures(markdown)]
+    assert paths[-2:] == ["figures/prior_samples_by_latent_dim.png", "sweep/lower_bound_sweep.png"]
+    assert markdown.index("](sweep/lower_bound_sweep.png)") < markdown.index("## 5. Provenance")
+    assert "<h2>5. Provenance</h2>" in html and "## 5. Provenance" in markdown
+    sweep = _context(reports)["sweep"]
+    assert (sweep["size"], sweep["members"], sweep["seeds"], sweep["importance_samples"]) == ("quick", 2, 1, [100])
+    assert sweep["examples_seen"] == [200000]
+    assert sweep["subsets"] == [{"dataset": "mnist", "train_subset": 10000, "eval_subset": 1000}]
+    assert _context(reports)["sweep_missing"] == [] and "uv run dvc repro sweep-report" not in html
+    caption = md_figures(markdown)[-1][2]
+    assert "2 members" in caption and "k = 100 importance samples" in caption
     for text in (html, markdown):
         assert "<script>" not in text and "&lt;script&gt;alert(" in text  # the hostile member name, escaped
         for value in ("-140.50", "-141.25", "-138.00 ± 0.50", "3 of 3", "33.75",
                       "-105.12", "-106.46", "-101.79 ± 0.23", "12 of 20", "61.25", "200,000"):
             assert value in text, value
         assert text.index("-138.00 ± 0.50") < text.index("-101.79 ± 0.23")  # sorted by N_z: 3 before 20
-        assert "200,000 training examples evaluated per member" in text and "not the paper" in text
+        assert "not the paper" in text  # a quick sweep's numbers are never passed off as the paper's
+    rows = md_table(markdown, "## 4. Latent-size sweep (cf. AEVB Figure 2)")
+    assert rows == html_table(html, "<h2>4. Latent-size sweep (cf. AEVB Figure 2)</h2>")
+    assert [row[2] for row in rows] == ["3", "20"] and rows[0][0] == "<script>alert('z3'),</script>"
+    assert rows[1] == ["mnist-z20-aevb-s0", "mnist", "20", "aevb", "0", "200,000", "-105.12", "-106.46",
+                       "-101.79 ± 0.23", "12 of 20", "61.25"]
+    note = markdown.split("| 61.25 |\n", 1)[1].strip().splitlines()[0]
+    assert "200,000" in note and "10,000" in note and "1,000" in note  # training length and subsets
     assert "test L\\_100 ± s.e." in markdown
     assert "![Latent-size sweep (cf. AEVB Figure 2)](sweep/lower_bound_sweep.png)" in markdown
-    assert "## 5. Provenance" in markdown
 
 
 def test_full_sweep_is_called_the_papers_setup(written) -> None:
     reports, _ = written
     _write_sweep(reports)
-    params = dataclasses.replace(Params(), paths=PathsConfig(reports=str(reports)))
-    params = dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, size="full"))
+    params = Params().replace(paths=PathsConfig(reports=str(reports)))
+    params = params.replace(sweep=params.sweep.replace(size="full"))
     report.run(params, progress=False)
     html = (reports / "report.html").read_text()
+    sweep = _context(reports, params)["sweep"]
+    assert sweep["size"] == "full" and sweep["subsets"] == []
     assert "The full sweep (params.sweep.size)" in html and "the paper&#39;s set-up" in html
     assert "not the paper" not in html
 
@@ -214,9 +303,15 @@ def test_report_without_the_sweep_says_how_to_run_it(written) -> None:
     reports, _ = written
     html = (reports / "report.html").read_text()
     markdown = (reports / "report.md").read_text()
+    context = _context(reports)
+    assert context["sweep"] is None
+    assert context["sweep_missing"] == [str(reports / "sweep" / "lower_bound_sweep.png"),
+                                        str(reports / "sweep" / "sweep_results.csv")]
+    assert context["sweep_missing"][1] in html  # named as missing
+    assert html.count("data:image/png;base64,") == len(context["figures"]) == 3  # no sweep figure
+    assert "](sweep/" not in markdown
     for text in (html, markdown):
-        assert "Latent-size sweep (cf. AEVB Figure 2)" not in text
-        assert "has not run" in text and "uv run dvc repro sweep-report" in text
+        assert "uv run dvc repro sweep-report" in text
     assert "<h2>4. Provenance</h2>" in html and "## 4. Provenance" in markdown
 
 
@@ -240,3 +335,115 @@ def test_damaged_sweep_results_are_named(written) -> None:
     _write_sweep(reports, rows=[])
     with pytest.raises(VaeError, match=r"sweep_results\.csv: no members"):
         _rerun(reports)
+
+
+# --------------------------------------------------------------------- data in Python, text in templates
+
+FREY_METRICS = {**METRICS, "dataset": "frey", "binarization": "none", "latent_dim": 10, "hidden_dim": 200,
+                "test_examples": 200, "test_log_likelihood": 1234.5678, "test_log_likelihood_stderr": 12.3,
+                "bound_curve": {"1": 1100.0, "50": 1234.5678}}
+FREY_SUMMARY = {"train_examples": 1565, "examples_seen": 156500, "likelihood": "gaussian", "algorithm": "wake-sleep",
+                "samples": 3, "epochs": 100}
+ALL_FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
+               "prior_samples_by_latent_dim", "samples", "reconstructions", "latent_space")
+# Context keys whose strings are data however long: embedded PNGs, file paths, the parameters' YAML.
+LONG_DATA = {"data", "path", "sweep_missing", "params_yaml"}
+
+
+def _leaves(value, key=""):
+    """(key, value) of every scalar in a nested context value."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, name)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item, key)
+    else:
+        yield key, value
+
+
+@pytest.mark.parametrize("case", ["mnist-dynamic-sweep", "mnist-static", "frey"])
+def test_context_holds_data_not_sentences(tmp_path, monkeypatch, case) -> None:
+    """build_context gives numbers, names, flags and lists of them: no string but data (a PNG, a path,
+    the parameters) is longer than a name, and the published numbers are the registry's own."""
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    if case == "frey":
+        params = _write_inputs(reports, metrics=FREY_METRICS, summary=FREY_SUMMARY, figures=ALL_FIGURES)
+    elif case == "mnist-static":
+        params = _write_inputs(reports, metrics={**METRICS, "binarization": "static"}, figures=ALL_FIGURES)
+    else:
+        params = _write_inputs(reports)
+        _write_sweep(reports)
+    context = _context(reports, params)
+    metrics = read_json(params.paths.metrics)
+    references = context.pop("references")
+    assert references == datasets.comparable(metrics["dataset"], metrics["binarization"])
+    assert all(isinstance(ref, datasets.Reference) for ref in references)
+    for key, value in _leaves(context):
+        assert value is None or isinstance(value, (bool, int, float, str)), (key, value)
+        if isinstance(value, str) and key not in LONG_DATA:
+            assert len(value) <= 80, (key, value)
+    # The dataset's facts are the registry's.
+    entry = datasets.get(metrics["dataset"])
+    assert (context["data"]["title"], context["data"]["fixed_test"]) == (entry.title, entry.fixed_test)
+
+
+def test_both_formats_say_the_same(written) -> None:
+    """The set-up, results, figures' captions, sweep and provenance read the same in HTML and Markdown
+    (both take their text from report_text.j2)."""
+    reports, _ = written
+    _write_sweep(reports)
+    html, markdown = _rerun(reports)
+    for md_heading, html_heading in (("## 1. Set-up", "<h2>1. Set-up</h2>"), ("## 2. Results", "<h2>2. Results</h2>"),
+                                     ("## 4. Latent-size sweep (cf. AEVB Figure 2)", "<h2>4. Latent-size sweep"),
+                                     ("## 5. Provenance", "<h2>5. Provenance</h2>"),
+                                     ("### Runs behind Figures 2 and 5 (MLflow tracking store)", "<h3>Runs behind")):
+        rows = md_table(markdown, md_heading)
+        assert rows and rows == html_table(html, html_heading), md_heading
+    figures = md_figures(markdown)
+    assert len(figures) == 4 and [(title, caption) for _, title, caption in figures] == html_figures(html)
+    results = dict(md_table(markdown, "## 2. Results"))
+    assert results["test log-likelihood L_50"] == "-97.12 ± 0.43"
+    assert results["test L_1"] == "-101.60" and results["test L_5"] == "-99.30" and "test L_50" not in results
+
+
+def test_frey_face_run_takes_its_facts_from_the_registry(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    params = _write_inputs(reports, metrics=FREY_METRICS, summary=FREY_SUMMARY, figures=ALL_FIGURES)
+    params = params.replace(data=params.data.replace(dataset="frey", binarization="none", split_seed=7))
+    report.run(params, progress=False)
+    markdown = (reports / "report.md").read_text()
+    context = _context(reports, params)
+    assert context["data"]["title"] == datasets.get("frey").title == "Frey Face"
+    assert not context["data"]["labelled"] and context["data"]["split_seed"] == 7
+    assert markdown.startswith("# VAE on Frey Face (Gaussian decoder), latent_dim = 10\n")
+    setup = dict(md_table(markdown, "## 1. Set-up"))
+    assert setup["dataset"].startswith("frey (1565 train / 200 test examples") and setup["dataset"].endswith(" 7)")
+    assert setup["architecture"].startswith("560-200-10 ")  # the registry's 28 x 20 pixels: none recorded
+    assert "Gaussian p(x|z)" in setup["architecture"] and "3 samples" in setup["objective"]
+    assert context["references"] == [] and "| source |" not in markdown and "Burda" not in markdown
+    assert "not comparable with MNIST" in markdown
+    captions = {path: caption for path, _, caption in md_figures(markdown)}
+    assert "digit" not in captions["figures/latent_space.png"]  # no labels to colour by
+    assert "With latent_dim = 10" in captions["figures/latent_space.png"]  # projected to 2-D
+
+
+def test_static_mnist_is_set_beside_static_numbers_only(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    params = _write_inputs(reports, metrics={**METRICS, "binarization": "static", "latent_dim": 2},
+                           figures=ALL_FIGURES, runs={})
+    report.run(params, progress=False)
+    markdown = (reports / "report.md").read_text()
+    context = _context(reports, params)
+    assert context["references"] == datasets.comparable("mnist", "static")
+    assert {ref.binarization for ref in context["references"]} == {"static"}
+    rows = md_table(markdown, "### Beside published numbers (static binarization only)")
+    assert [row[0] for row in rows[1:]] == [f"{ref.source}, {ref.where}" for ref in context["references"]]
+    assert not context["data"]["labelled"]  # Larochelle's files carry no labels
+    captions = {path: caption for path, _, caption in md_figures(markdown)}
+    assert "digit" not in captions["figures/latent_space.png"] and "latent_dim" not in captions["figures/latent_space.png"]
+    assert "Runs shown: 0." in captions["figures/lower_bound_runs.png"]
+    assert "figures/samples.png" not in captions  # Figure 5 shows the same draws

@@ -3,7 +3,6 @@ matrix, each member's parameters, ``sweep-report`` on member folders written her
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +12,8 @@ import pytest
 import yaml
 
 from vae import sweep, tracking
-from vae.config import Params, PathsConfig, load_params, params_from_dict
+from vae.config import Member, Params, PathsConfig, find_member, load_params, params_from_dict
 from vae.errors import ConfigError, DataError
-from vae.sweep import Member
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,12 +209,12 @@ def test_member_stage_outputs_are_the_member_folders():
 
 
 def test_find_member_returns_a_declared_member():
-    assert sweep.find_member(Params().sweep, "frey", 10, "wake-sleep", 0) == Member("frey", 10, "wake-sleep", 0)
+    assert find_member(Params().sweep, "frey", 10, "wake-sleep", 0) == Member("frey", 10, "wake-sleep", 0)
 
 
 def test_find_member_rejects_an_undeclared_member():
     with pytest.raises(ConfigError) as caught:
-        sweep.find_member(Params().sweep, "mnist", 5, "aevb", 0)
+        find_member(Params().sweep, "mnist", 5, "aevb", 0)
     message = str(caught.value)
     assert "mnist-z5-aevb-s0" in message
     assert "not declared" in message
@@ -282,7 +280,7 @@ def test_sweep_id_changes_with_the_sweep_section_only():
 
 def report_params(tmp_path: Path) -> Params:
     params = sweep_params(latent_dims={"mnist": [3], "frey": [2]}, seeds=[0, 1])
-    return dataclasses.replace(params, paths=PathsConfig(reports=str(tmp_path / "reports")))
+    return params.replace(paths=PathsConfig(reports=str(tmp_path / "reports")))
 
 
 def member_values(member: Member) -> dict:
@@ -402,7 +400,8 @@ def test_lower_bound_sweep_rejects_no_runs(tmp_path: Path):
 
 
 def test_lower_bound_sweep_rejects_a_run_without_rows(tmp_path: Path):
-    from vae.visualize import RunCurves, lower_bound_sweep
+    from vae.catalogue import RunCurves
+    from vae.visualize import lower_bound_sweep
 
     empty = RunCurves(run_id=None, name="mnist-z3-aevb", dataset="mnist", binarization="dynamic",
                       profile="sweep-quick", latent_dim=3,
@@ -460,8 +459,8 @@ def test_complete_parent_run_adopts_children_and_finishes_the_parent(tmp_path: P
 
 
 def test_report_with_tracking_makes_the_members_children_of_the_sweep_run(tmp_path: Path):
-    params = dataclasses.replace(report_params(tmp_path),
-                                 sweep=sweep_params(latent_dims={"mnist": [3], "frey": []}, seeds=[14]).sweep)
+    params = report_params(tmp_path).replace(
+        sweep=sweep_params(latent_dims={"mnist": [3], "frey": []}, seeds=[14]).sweep)
     client = mlflow_client()
     parent = sweep.sweep_run(params)
     experiment_id = client.get_run(parent).info.experiment_id

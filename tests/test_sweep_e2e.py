@@ -21,8 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import dataset_mirror
-from test_pipeline import Pipeline
+from support import Pipeline, dataset_mirror
 
 pytestmark = pytest.mark.e2e
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import _free_port, running_mlflow_server
-from test_train import write_processed
+from support import free_port, running_mlflow_server, write_processed
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +126,7 @@ def assert_clear_tracking_error(result: subprocess.CompletedProcess, port: int) 
 
 
 def test_a_server_that_is_down_stops_training_before_any_work(workspace: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     result = vae(workspace, f"http://alice:{SECRET}@127.0.0.1:{port}", "train")
     assert_clear_tracking_error(result, port)
     assert "Connection refused" in result.stderr

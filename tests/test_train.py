@@ -27,28 +27,23 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, generator, one_thread
-from vae import objectives
-from vae import train as train_module
+from support import REPO_ROOT, binary_split, generator, grey_split, one_thread, small_model, write_processed
+from vae import loop, objectives
 from vae.cli import main
 from vae.config import ModelConfig, Params, TrainConfig, params_from_dict
 from vae.data.splits import Split, load_splits
 from vae.errors import TrainingError
 from vae.model import VAE, read_checkpoint
-from vae.train import (
+from vae.loop import (
     ResumableState,
     TrainingData,
-    build_model,
     dataset_elbo,
     evaluation_passes,
-    fingerprint,
     learning_rate_at,
-    make_optimizer,
     run_pass,
     schedule_stage,
-    select_step_size,
-    train_model,
 )
+from vae.train import build_model, fingerprint, make_optimizer, select_step_size, train_model
 
 CPU = torch.device("cpu")
 # Every training process of these tests, and the in-process runs they are compared with, use one thread.
@@ -70,28 +65,7 @@ def _torch_on_one_thread():
 # --------------------------------------------------------------------------------------------
 
 
-def grey_split(count: int, dim: int, seed: int) -> Split:
-    """Grey uint8 images whose pixels have different mean intensities (dynamic binarization)."""
-    g = generator(seed)
-    intensity = torch.rand(dim, generator=generator(1000 + dim))
-    images = (255 * intensity * torch.rand(count, dim, generator=g)).round().to(torch.uint8)
-    return Split(images, torch.zeros(count, dtype=torch.long), binary=False, binarization="dynamic")
-
-
-def binary_split(count: int, dim: int, seed: int) -> Split:
-    g = generator(seed)
-    probability = 0.5 * torch.rand(dim, generator=generator(1000 + dim))
-    images = (torch.rand(count, dim, generator=g) < probability).to(torch.uint8)
-    return Split(images, torch.zeros(count, dtype=torch.long), binary=True, binarization="dynamic")
-
-
-def write_processed(folder: Path, train_count: int = 1200, dim: int = 784) -> Path:
-    """data/processed/mnist/{train,valid,test}.pt under ``folder``; returns data/processed."""
-    processed = folder / "data" / "processed"
-    grey_split(train_count, dim, seed=1).save(processed / "mnist" / "train.pt")
-    binary_split(100, dim, seed=2).save(processed / "mnist" / "valid.pt")
-    binary_split(100, dim, seed=3).save(processed / "mnist" / "test.pt")
-    return processed
+# grey_split, binary_split and write_processed (data/processed/mnist) are in tests/support.py.
 
 
 def write_params(root: Path, processed: Path, train: dict | None = None, model: dict | None = None) -> Path:
@@ -276,7 +250,7 @@ def test_checkpoint_of_other_parameters_is_ignored(reference, processed, isolate
     root = isolated / "run"
     params = write_params(root, processed)
     other = params_from_dict(yaml.safe_load(params.read_text()))
-    other = replace(other, train=replace(other.train, seed=other.train.seed + 1, epochs=2))
+    other = other.replace(train=other.train.replace(seed=other.train.seed + 1, epochs=2))
     train_file = processed / "mnist" / "train.pt"
     state = ResumableState(root / "models" / "train_state.pt", fingerprint(other, train_file, CPU))
     splits = load_splits(processed / "mnist")
@@ -299,11 +273,11 @@ def test_fingerprint_follows_what_changes_the_result(tmp_path):
     base = Params(train=TrainConfig(device="cpu", checkpoint_interval=60))
     same = fingerprint(base, data, CPU)
     # Where checkpoints go and how often do not change the result.
-    assert fingerprint(replace(base, train=replace(base.train, checkpoint_interval=0, device="auto")), data, CPU) == same
+    assert fingerprint(base.replace(train=base.train.replace(checkpoint_interval=0, device="auto")), data, CPU) == same
     assert fingerprint(base, data, torch.device("cuda")) != same
-    assert fingerprint(replace(base, train=replace(base.train, seed=1)), data, CPU) != same
-    assert fingerprint(replace(base, model=replace(base.model, latent_dim=4)), data, CPU) != same
-    assert fingerprint(replace(base, data=replace(base.data, train_subset=10)), data, CPU) != same
+    assert fingerprint(base.replace(train=base.train.replace(seed=1)), data, CPU) != same
+    assert fingerprint(base.replace(model=base.model.replace(latent_dim=4)), data, CPU) != same
+    assert fingerprint(base.replace(data=base.data.replace(train_subset=10)), data, CPU) != same
     data.write_bytes(b"other data")
     assert fingerprint(base, data, CPU) != same
 
@@ -331,13 +305,7 @@ def test_resumable_state_ignores_damaged_and_foreign_files(tmp_path, capsys):
 # Small in-process training runs
 # --------------------------------------------------------------------------------------------
 
-SMALL_DIM = 64
-
-
-def small_model(seed: int = 0, hidden_dim: int = 16, latent_dim: int = 2) -> VAE:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return VAE(SMALL_DIM, hidden_dim, latent_dim)
+SMALL_DIM = 64  # small_model's (tests/support.py) default input size: 64 pixels, 16 hidden units, 2 latent dims
 
 
 def small_config(**changes) -> TrainConfig:
@@ -356,12 +324,12 @@ def parameters_of(model: VAE) -> dict[str, torch.Tensor]:
 
 
 class CountingObjective:
-    """Wraps ``train.minibatch_objective``: records each minibatch's size; NaN at call ``poison``."""
+    """Wraps ``loop.minibatch_objective``: records each minibatch's size; NaN at call ``poison``."""
 
     def __init__(self, poison: int | None = None) -> None:
         self.sizes: list[int] = []
         self.poison = poison
-        self.original = train_module.minibatch_objective
+        self.original = loop.minibatch_objective
 
     def __call__(self, model, x, config, generator):
         self.sizes.append(len(x))
@@ -384,7 +352,7 @@ def test_cli_reports_a_diverging_run_without_a_traceback(processed, isolated, ca
 def test_non_finite_loss_names_its_step_and_keeps_the_last_checkpoint(small_splits, tmp_path, monkeypatch):
     """Two steps per pass (100 examples, batch 50); the 5th minibatch's loss is NaN: step 5, pass 3."""
     objective = CountingObjective(poison=5)
-    monkeypatch.setattr(train_module, "minibatch_objective", objective)
+    monkeypatch.setattr(loop, "minibatch_objective", objective)
     state = ResumableState(tmp_path / "train_state.pt", "fingerprint")
     model = small_model()
     with pytest.raises(TrainingError) as caught:
@@ -455,9 +423,9 @@ def test_map_prior_equals_an_explicit_gaussian_penalty(optimizer):
     without = copy.deepcopy(with_prior)
     config = small_config(optimizer=optimizer, map_prior=True)
     optimizers = [(with_prior, make_optimizer(config, with_prior.parameters(), rate, examples), False),
-                  (explicit, make_optimizer(replace(config, map_prior=False), explicit.parameters(), rate,
+                  (explicit, make_optimizer(config.replace(map_prior=False), explicit.parameters(), rate,
                                             examples), True),
-                  (without, make_optimizer(replace(config, map_prior=False), without.parameters(), rate,
+                  (without, make_optimizer(config.replace(map_prior=False), without.parameters(), rate,
                                            examples), False)]
     assert optimizers[0][1].defaults["weight_decay"] == pytest.approx(1 / examples)
     assert optimizers[1][1].defaults["weight_decay"] == 0.0
@@ -568,7 +536,7 @@ def test_training_samples_end_with_a_partial_pass_and_a_partial_minibatch(small_
     """100 examples, batch 30, 250 samples: passes of 100, 100 and 50 examples; minibatches
     30, 30, 30, 10 | 30, 30, 30, 10 | 30, 20: 10 steps."""
     objective = CountingObjective()
-    monkeypatch.setattr(train_module, "minibatch_objective", objective)
+    monkeypatch.setattr(loop, "minibatch_objective", objective)
     rows: list[dict] = []
     result = train_model(small_model(), *small_splits,
                          small_config(epochs=None, training_samples=250, batch_size=30, log_interval=3), CPU,
@@ -585,7 +553,7 @@ def test_training_samples_end_with_a_partial_pass_and_a_partial_minibatch(small_
 
 def test_epochs_count_whole_passes(small_splits, monkeypatch):
     objective = CountingObjective()
-    monkeypatch.setattr(train_module, "minibatch_objective", objective)
+    monkeypatch.setattr(loop, "minibatch_objective", objective)
     result = train_model(small_model(), *small_splits, small_config(epochs=2, batch_size=40), CPU, progress=False)
     assert objective.sizes == [40, 40, 20] * 2
     assert (result.progress.examples_seen, result.progress.step) == (200, 6)
@@ -787,7 +755,7 @@ def test_fingerprint_tells_wake_sleep_from_aevb(tmp_path):
     data = tmp_path / "train.pt"
     data.write_bytes(b"some data")
     aevb = Params(train=TrainConfig(device="cpu"))
-    wake_sleep = replace(aevb, train=replace(aevb.train, algorithm="wake-sleep"))
+    wake_sleep = aevb.replace(train=aevb.train.replace(algorithm="wake-sleep"))
     assert fingerprint(wake_sleep, data, CPU) != fingerprint(aevb, data, CPU)
 
 

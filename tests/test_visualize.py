@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +21,24 @@ import pytest
 import torch
 from PIL import Image
 
-from vae import evaluate, tracking, train, visualize
+from support import small_model
+from vae import datasets, evaluate, tracking, train, visualize
 from vae.config import VisualizeConfig, params_from_dict
 from vae.data.splits import Split
-from vae.model import VAE, save_checkpoint
+from vae.model import save_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_model(input_dim: int, latent_dim: int, seed: int = 0, likelihood: str = "bernoulli") -> VAE:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = VAE(input_dim=input_dim, hidden_dim=8, latent_dim=latent_dim, likelihood=likelihood)
-        for parameter in model.parameters():  # sharper than the default init: tiles differ visibly
-            parameter.data.mul_(4.0)
-    return model.eval()
+# Sharper than the default init (weights x 4): tiles differ visibly.
+tiny_model = partial(small_model, hidden_dim=8, weight_scale=4.0, eval_mode=True)
 
 
 @pytest.mark.parametrize(("dataset", "likelihood"), [("mnist", "bernoulli"), ("frey", "gaussian")])
 def test_manifold_tiles_are_decoder_means_on_the_inverse_cdf_grid(tmp_path: Path, dataset: str,
                                                                   likelihood: str) -> None:
-    height, width = visualize.IMAGE_SHAPE[dataset]
-    model = tiny_model(height * width, 2, likelihood=likelihood)
+    height, width = datasets.get(dataset).image_shape
+    model = tiny_model(input_dim=height * width, latent_dim=2, likelihood=likelihood)
     steps, scale, pad = 5, visualize.GRID_SCALE, 2
     path = tmp_path / "manifold.png"
     visualize.manifold(model, VisualizeConfig(manifold_grid=steps), (height, width), path)
@@ -87,7 +84,7 @@ def test_runs_for_figures_2_and_5_come_from_the_tracking_store(tmp_path: Path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     models, checkpoints = {}, {}
     for latent_dim, seed, input_dim in ((2, 1, 784), (5, 2, 784), (4, 3, 784), (2, 4, 560)):
-        models[latent_dim, input_dim] = tiny_model(input_dim, latent_dim, seed)
+        models[latent_dim, input_dim] = tiny_model(input_dim=input_dim, latent_dim=latent_dim, seed=seed)
         checkpoints[latent_dim, input_dim] = tmp_path / f"z{latent_dim}-{input_dim}" / "model.pt"
         save_checkpoint(models[latent_dim, input_dim], checkpoints[latent_dim, input_dim])
     both = lambda offset: {"train_elbo": _curve(offset), "test_elbo_curve": _curve(offset - 3)}  # noqa: E731
@@ -128,7 +125,7 @@ def test_runs_for_figures_2_and_5_come_from_the_tracking_store(tmp_path: Path, m
     assert new.curves["train_elbo"].tolist() == pytest.approx([v for _, v in _curve(5)])
     assert new.curves["test_elbo"].tolist() == pytest.approx([v for _, v in _curve(2)])
 
-    current_model = tiny_model(784, 10, seed=9)
+    current_model = tiny_model(input_dim=784, latent_dim=10, seed=9)
     with_models = visualize.prior_models(runs, current_model, tmp_path / "downloads")
     assert "z4-no-checkpoint" in capsys.readouterr().err  # left out, with the reason
     loaded = {run.latent_dim: model for run, model in with_models}
@@ -161,7 +158,7 @@ def test_figures_reject_what_they_cannot_draw(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no models"):
         visualize.prior_samples_by_latent_dim([], VisualizeConfig(), (28, 28), tmp_path / "x.png")
     with pytest.raises(ValueError, match="784 pixels, not 28x20"):
-        visualize.prior_samples_by_latent_dim([(2, tiny_model(784, 2))], VisualizeConfig(), (28, 20),
+        visualize.prior_samples_by_latent_dim([(2, tiny_model(input_dim=784, latent_dim=2))], VisualizeConfig(), (28, 20),
                                               tmp_path / "x.png")
 
 
@@ -200,7 +197,7 @@ def test_stage_draws_every_figure_after_tiny_train_and_evaluate(tmp_path: Path, 
                             "prior_samples_by_latent_dim", "bound_curve", "log_likelihood_histogram", "manifold"}
     for path in figures.values():
         assert Path(path).read_bytes()[:8] == PNG, path
-    height, width = visualize.IMAGE_SHAPE[dataset]
+    height, width = datasets.get(dataset).image_shape
     with Image.open(figures["manifold"]) as manifold:
         assert manifold.size == (visualize.GRID_SCALE * (4 * (width + 2) + 2),
                                  visualize.GRID_SCALE * (4 * (height + 2) + 2))

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, generator, one_thread
+from support import REPO_ROOT, generator, one_thread, small_model
 from vae import objectives
 from vae.config import Params, TrainConfig, load_params, params_from_dict
 from vae.data.splits import Split
 from vae.errors import ConfigError
+from vae.loop import dataset_elbo, wake_sleep_loss
 from vae.model import VAE
 from vae.report import _training
-from vae.train import dataset_elbo, make_optimizer, train_model, wake_sleep_loss
+from vae.train import make_optimizer, train_model
 
 CPU = torch.device("cpu")
 D, LATENT, HIDDEN = 20, 2, 16
+wake_sleep_model = partial(small_model, input_dim=D, hidden_dim=HIDDEN, latent_dim=LATENT)
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +36,6 @@ def _torch_on_one_thread():
     """Tiny models run fastest on one thread; the global random state is left as it was."""
     with one_thread():
         yield
-
-
-def small_model(likelihood: str = "bernoulli", seed: int = 0, dtype: torch.dtype = torch.float32) -> VAE:
-    torch.manual_seed(seed)
-    return VAE(D, HIDDEN, LATENT, likelihood=likelihood).to(dtype)
 
 
 def data_for(likelihood: str, count: int = 40, seed: int = 1) -> torch.Tensor:
@@ -64,7 +62,7 @@ def snapshot(parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tenso
 
 
 def test_bernoulli_decoder_sample_is_binary_with_the_decoder_means():
-    model = small_model("bernoulli", dtype=torch.float64)
+    model = wake_sleep_model(likelihood="bernoulli", dtype=torch.float64)
     z = torch.randn(1, LATENT, generator=generator(3), dtype=torch.float64).expand(20000, LATENT)
     x = model.decoder_sample(z, generator(4))
     assert x.shape == (20000, D) and x.dtype == torch.float64 and not x.requires_grad
@@ -76,7 +74,7 @@ def test_bernoulli_decoder_sample_is_binary_with_the_decoder_means():
 
 
 def test_gaussian_decoder_sample_has_the_decoder_mean_and_variance():
-    model = small_model("gaussian", dtype=torch.float64)
+    model = wake_sleep_model(likelihood="gaussian", dtype=torch.float64)
     with torch.no_grad():  # a spread of variances around 1, so the check is not of one number
         model.decoder_log_var.bias.copy_(torch.linspace(-1.0, 1.0, D, dtype=torch.float64))
     n = 40000
@@ -94,7 +92,7 @@ def test_gaussian_decoder_sample_has_the_decoder_mean_and_variance():
 def test_wake_objective_is_log_p_x_z_at_encoder_samples(likelihood):
     """wake(x) = (1/L) sum_l [log p(x|z_l) + log N(z_l; 0, I)], z_l = mu + sigma * eps_l; its ELBO
     is the shared ELBO code's value for the same noise."""
-    model, x, samples = small_model(likelihood), data_for(likelihood), 3
+    model, x, samples = wake_sleep_model(likelihood=likelihood), data_for(likelihood), 3
     wake, elbo = objectives.wake_objective(model, x, samples, generator(7))
     assert wake.shape == elbo.shape == (len(x),) and not elbo.requires_grad
     mu, log_var = model.encode(x)
@@ -107,7 +105,7 @@ def test_wake_objective_is_log_p_x_z_at_encoder_samples(likelihood):
 
 def test_sleep_objective_is_log_q_of_fantasies():
     """sleep = log N(z; mu(x), diag sigma^2(x)) for z ~ N(0, I), x ~ p(x|z), in that order from one generator."""
-    model = small_model("bernoulli")
+    model = wake_sleep_model(likelihood="bernoulli")
     sleep = objectives.sleep_objective(model, 64, generator(8))
     stream = generator(8)
     z = torch.randn(64, LATENT, generator=stream)
@@ -120,7 +118,7 @@ def test_sleep_objective_is_log_q_of_fantasies():
 
 
 def test_wake_sleep_draws_wake_then_sleep_from_one_generator():
-    model, x = small_model(), data_for("bernoulli")
+    model, x = wake_sleep_model(), data_for("bernoulli")
     terms = objectives.wake_sleep(model, x, 2, generator(9))
     stream = generator(9)
     wake, elbo = objectives.wake_objective(model, x, 2, stream)
@@ -130,7 +128,7 @@ def test_wake_sleep_draws_wake_then_sleep_from_one_generator():
 
 
 def test_bad_sample_counts_are_rejected():
-    model, x = small_model(), data_for("bernoulli")
+    model, x = wake_sleep_model(), data_for("bernoulli")
     with pytest.raises(ValueError, match=r"samples = 0: expected an integer >= 1"):
         objectives.wake_objective(model, x, 0)
     with pytest.raises(ValueError, match=r"count = 0: expected an integer >= 1"):
@@ -144,7 +142,7 @@ def test_bad_sample_counts_are_rejected():
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_wake_gradient_reaches_only_the_decoder_and_sleep_only_the_encoder(likelihood):
-    model, x = small_model(likelihood), data_for(likelihood)
+    model, x = wake_sleep_model(likelihood=likelihood), data_for(likelihood)
     encoder, decoder = encoder_and_decoder(model)
     assert (likelihood == "gaussian") == any(k.startswith("decoder_log_var") for k in decoder)
     wake, _ = objectives.wake_objective(model, x, 1, generator(10))
@@ -167,7 +165,7 @@ def test_each_phase_changes_only_its_own_parameters(optimizer):
     changes every decoder tensor and no encoder tensor; a step on the sleep loss alone the reverse."""
     x = data_for("bernoulli")
     for phase in ("wake", "sleep"):
-        model = small_model("bernoulli")
+        model = wake_sleep_model(likelihood="bernoulli")
         encoder, decoder = encoder_and_decoder(model)
         before_encoder, before_decoder = snapshot(encoder), snapshot(decoder)
         opt = make_optimizer(_config(optimizer), model.parameters(), 0.01, 50)
@@ -188,7 +186,7 @@ def test_one_optimizer_step_equals_a_wake_step_and_a_sleep_step(optimizer):
     """Training's single step over all parameters on -(wake + sleep) equals a decoder optimizer's
     step on -wake and an encoder optimizer's step on -sleep, same settings, three steps running."""
     config = _config(optimizer)
-    joint = small_model("bernoulli")
+    joint = wake_sleep_model(likelihood="bernoulli")
     split = copy.deepcopy(joint)
     encoder, decoder = encoder_and_decoder(split)
     one = make_optimizer(config, joint.parameters(), 0.01, 50)
@@ -254,7 +252,7 @@ def test_wake_sleep_learns_data_from_a_known_model():
     (400 steps, under a second). The wake objective and the ELBO (the shared dataset_elbo code)
     rise by several nats, and the ELBO closes most of its gap to the true log p(x)."""
     train_x, valid_x = known_model_data(500, seed=1), known_model_data(200, seed=2)
-    model = small_model("bernoulli")
+    model = wake_sleep_model(likelihood="bernoulli")
     before = {"wake": mean_wake_objective(model, train_x), "train": dataset_elbo(model, train_x, 5),
               "valid": dataset_elbo(model, valid_x, 6)}
     config = TrainConfig(algorithm="wake-sleep", epochs=40, batch_size=50, learning_rate=0.01, elbo_eval_size=500,

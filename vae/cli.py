@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from vae import __version__
+from vae import __version__, datasets
 from vae.errors import ConfigError, VaeError
 
 STAGES = {  # name: (module, function, summary for `vae --help`, description for `vae STAGE --help`)
@@ -50,7 +50,8 @@ EPILOG = """\
 The stages run in this order; `dvc repro` runs them all and skips those that are up to date.
 The sweep-* commands are the stages of AEVB Figure 2's latent-size sweep (params.yaml's sweep;
 `uv run python -m flows sweep` runs its members in parallel on Dask).
-`vae profile NAME` switches params.yaml to a named configuration (a paper's set-up) first.
+`vae profile NAME` switches params.yaml to a named configuration (a paper's set-up) first;
+`vae params` checks params.yaml and prints what it resolves to (`vae params --schema`: its JSON schema).
 Environment: VAE_DATA_MIRROR (dataset mirror), MLFLOW_TRACKING_URI (default sqlite:///mlflow.db),
 VAE_TRACKING=off (log nothing to MLflow).
 """
@@ -73,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep-data", parents=[common], help="the sweep's data: download and binarize one dataset",
         description="Download and binarize DATASET into paths.raw/sweep and paths.processed/sweep with the "
                     "sweep's data settings (params.yaml sweep.settings.DATASET.data); stage sweep-data@DATASET.")
-    sweep_data.add_argument("dataset", help="mnist or frey")
+    sweep_data.add_argument("dataset", help=" or ".join(datasets.NAMES))
     member = sub.add_parser(
         "sweep-member", parents=[common], help="train and evaluate one member of the latent-size sweep",
         description="Train and evaluate one member of params.yaml's sweep (AEVB Figure 2): the defaults "
                     "with sweep.settings.DATASET on top, at this latent size, algorithm and seed, on "
                     "sweep.threads CPU threads; into models/sweep/MEMBER and reports/sweep/members/MEMBER, "
                     "logged to MLflow as a child of the sweep's run. Stage sweep-DATASET@LATENT_DIM-ALGORITHM-SEED.")
-    member.add_argument("dataset", help="mnist or frey")
+    member.add_argument("dataset", help=" or ".join(datasets.NAMES))
     member.add_argument("latent_dim", type=int, help="latent size N_z")
     member.add_argument("algorithm", help="aevb or wake-sleep")
     member.add_argument("seed", type=int, help="train.seed of the member")
@@ -102,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--params", default="params.yaml", metavar="PATH",
                          help="parameters file to rewrite (default: %(default)s)")
     profile.add_argument("--show", action="store_true", help="print the profile's values, change nothing")
+    params = sub.add_parser(
+        "params", help="check params.yaml and print the resolved parameters (--schema: its JSON schema)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate the parameters file as every stage does (all problems in one message, exit\n"
+                    "status 2) and print the parameters it resolves to, every default filled in, as YAML.\n\n"
+                    "With --schema, print the JSON schema of params.yaml instead, generated from the typed\n"
+                    "models of vae/config.py: types, allowed values, ranges and each knob's documentation.\n"
+                    "The rules that involve several knobs (exactly one of train.epochs and\n"
+                    "train.training_samples, the binarizations a dataset allows, the sweep's members, ...)\n"
+                    "are checked by `vae params` and the stages, not by the schema.",
+        epilog="Examples:\n"
+               "  uv run vae params                         # check params.yaml, print it resolved\n"
+               "  uv run vae params --params other.yaml\n"
+               "  uv run vae params --schema > params.schema.json")
+    params.add_argument("--params", default="params.yaml", metavar="PATH",
+                        help="parameters file to check (default: %(default)s)")
+    params.add_argument("--schema", action="store_true",
+                        help="print the JSON schema of params.yaml (JSON Schema 2020-12) and read no file")
     return parser
 
 
@@ -134,14 +153,33 @@ def profile_command(args: argparse.Namespace) -> None:
         print(f"  {key}: {old!r} -> {new!r}")
 
 
+def params_command(args: argparse.Namespace) -> None:
+    """``vae params [--schema]``: the JSON schema of params.yaml, or the file validated and resolved.
+
+    Raises:
+        ConfigError: the parameters file is missing, unreadable or invalid (every problem named).
+    """
+    from vae.config import Params, load_params
+
+    if args.schema:
+        import json
+
+        print(json.dumps(Params.model_json_schema(), indent=2))
+        return
+    import yaml
+
+    print(yaml.safe_dump(load_params(args.params).to_dict(), sort_keys=False), end="")
+
+
 def sweep_command(args: argparse.Namespace, params, progress: bool) -> None:
     """``vae sweep-data | sweep-member | sweep-report``: the sweep's stages (:mod:`vae.sweep`)."""
     from vae import sweep
+    from vae.config import find_member
 
     if args.stage == "sweep-data":
         sweep.run_data(params, args.dataset, progress=progress)
     elif args.stage == "sweep-member":
-        member = sweep.find_member(params.sweep, args.dataset, args.latent_dim, args.algorithm, args.seed)
+        member = find_member(params.sweep, args.dataset, args.latent_dim, args.algorithm, args.seed)
         sweep.run_member(params, member, progress=progress)
     else:
         sweep.run_report(params, progress=progress)
@@ -193,6 +231,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.stage == "profile":
             profile_command(args)
+            return 0
+        if args.stage == "params":
+            params_command(args)
             return 0
         from vae.config import load_params
 

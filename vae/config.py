@@ -1,83 +1,143 @@
-"""Typed, validated views of ``params.yaml``: one frozen dataclass per section.
+"""Typed, validated views of ``params.yaml``: one frozen pydantic model per section.
 
-``load_params`` reads the file once and rejects, before any work starts, an unknown section or
-key (with the closest valid name), a value of the wrong type, a non-positive size and a value
-outside its allowed set. Every message names the file, the key, the value and what was expected.
+Each knob is one typed line with its documentation (``Field(description=...)``); the rules that
+involve several knobs are ``model_validator``s. Dataset names, their binarizations, fixed test sets
+and splits and the decoder's likelihood come from the dataset registry (:mod:`vae.datasets`).
+``Params.model_json_schema()`` is the JSON schema of ``params.yaml`` (``vae params --schema``).
+
+:func:`load_params` reads the file once and rejects, before any work starts, an unknown section or
+key (with the closest valid name), a value of the wrong type, a non-positive size, a value outside
+its allowed set and an integer beyond 64 bits: one :class:`~vae.errors.ConfigError` names the file
+and lists every problem, one line each (``section.key = value: expected ...``; pydantic's errors
+become those lines in :mod:`vae.config_messages`).
+
+The configuration algebra lives here too: :func:`overlay` puts section values on top of validated
+parameters (the named profiles of :mod:`vae.profile`, the latent-size sweep's members), and the
+sweep's members and their parameters (:class:`Member`, :func:`members`, :func:`member_params`,
+:func:`sweep_id`) are derived from the ``sweep`` section, which validates every member it declares.
+
+Types are as strict as the file's reader can be: an integer knob takes no bool, float or string; a
+number knob takes integers and numeric strings (YAML reads ``1e-3``, without a dot, as a string) but
+no bool, NaN or infinity; a boolean knob takes only ``true`` or ``false``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
+import hashlib
+import json
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      ValidationInfo, model_validator)
+from pydantic_core import PydanticCustomError
 
+from vae import datasets
+from vae.config_messages import (Problems, custom, invalid, key_text, oversized_integers, section_problems, shown,
+                                 unknown)
 from vae.errors import ConfigError
 
-DATASETS = ("mnist", "frey")
-BINARIZATIONS = ("dynamic", "static", "none")
-# Which binarizations each dataset has: MNIST is binary (resampled, or the fixed Larochelle files);
-# Frey Face stays grey and gets a Gaussian decoder (a Bernoulli likelihood of grey values is not one).
-DATASET_BINARIZATIONS = {"mnist": ("dynamic", "static"), "frey": ("none",)}
-ALGORITHMS = ("aevb", "wake-sleep")
-OPTIMIZERS = ("adam", "adagrad")
-OBJECTIVES = ("elbo", "iwae")
-SCHEDULES = ("constant", "iwae")
-DEVICES = ("auto", "cpu", "cuda")
-PROJECTIONS = ("pca", "tsne")
-SWEEP_SIZES = ("quick", "full")
+# --------------------------------------------------------------------------- choices and value types
+
+Algorithm = Literal["aevb", "wake-sleep"]
+Optimizer = Literal["adam", "adagrad"]
+Objective = Literal["elbo", "iwae"]
+Schedule = Literal["constant", "iwae"]
+Device = Literal["auto", "cpu", "cuda"]
+Projection = Literal["pca", "tsne"]
+SweepSize = Literal["quick", "full"]
+DatasetName = Literal[datasets.NAMES]  # type: ignore[valid-type]  # from the registry
+Binarization = Literal[datasets.BINARIZATIONS]  # type: ignore[valid-type]
+
+# The allowed values, for messages and callers (the dataset names and binarizations are the registry's).
+DATASETS: tuple[str, ...] = datasets.NAMES
+BINARIZATIONS: tuple[str, ...] = datasets.BINARIZATIONS
+ALGORITHMS, OPTIMIZERS, OBJECTIVES, SCHEDULES, DEVICES, PROJECTIONS, SWEEP_SIZES = (
+    typing.get_args(choice) for choice in (Algorithm, Optimizer, Objective, Schedule, Device, Projection, SweepSize))
+
+PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
-def _positive(*names: str):
-    # Written as "not (x > 0)" so that NaN fails too; infinity is never a sensible setting.
-    def check(self) -> list[str]:
-        return [f"{name} = {getattr(self, name)!r}: expected a finite number > 0"
-                for name in names if getattr(self, name) is not None
-                and not (0 < getattr(self, name) < math.inf)]
-    return check
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1.0
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
 
 
-def _non_negative(*names: str):
-    def check(self) -> list[str]:
-        return [f"{name} = {getattr(self, name)!r}: expected a finite number >= 0"
-                for name in names if getattr(self, name) is not None
-                and not (0 <= getattr(self, name) < math.inf)]
-    return check
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise custom("expected each value once")
+    return values
 
 
-def _positive_items(name: str):
-    def check(self) -> list[str]:
-        value = getattr(self, name)
-        if value is None or all(0 < item < math.inf for item in value):
-            return []
-        return [f"{name} = {value!r}: expected a list of finite numbers > 0"]
-    return check
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0), BeforeValidator(_no_bool)]  # finite: allow_inf_nan=False below
+UNIQUE = {"uniqueItems": True}  # a list's schema: each value once
 
 
-def _choice(name: str, allowed: tuple[str, ...]):
-    def check(self) -> list[str]:
-        value = getattr(self, name)
-        if value in allowed:
-            return []
-        return [f"{name} = {value!r}: expected one of {', '.join(allowed)}"]
-    return check
+# --------------------------------------------------------------------------- the models
 
 
-@dataclass(frozen=True)
-class PathsConfig:
+class _Validating(type(BaseModel)):
+    """Construction with keyword arguments (``TrainConfig(epochs=3)``) raises the same
+    :class:`ConfigError` as a bad file, not pydantic's ``ValidationError``."""
+
+    def __call__(cls, /, **values: Any) -> Any:
+        try:
+            return super().__call__(**values)
+        except ValidationError as error:
+            lines = cls._problems(values) or [f"{'.'.join(map(str, e['loc']))} = {shown(e['input'])}: {e['msg']}"
+                                              for e in error.errors()]
+            raise invalid(cls.__name__, lines) from None
+
+
+class _Model(BaseModel, metaclass=_Validating):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    @classmethod
+    def _problems(cls, values: dict[str, Any]) -> list[str]:
+        return []  # pydantic's own messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values as plain nested dicts and lists (what was read, with defaults filled in)."""
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> typing.Self:
+        """A copy with ``changes`` applied, validated (the frozen models' ``dataclasses.replace``).
+
+        Raises:
+            ConfigError: a changed value is invalid.
+        """
+        return type(self)(**{**dict(self), **changes})
+
+
+class Section(_Model):
+    """One section of ``params.yaml``; ``section`` is its name there."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def _problems(cls, values: dict[str, Any]) -> list[str]:
+        return [f"{cls.section}.{line}" for line in section_problems(cls, values)[1]]
+
+
+class PathsConfig(Section):
     """Where each stage reads and writes, relative to the repository root (``dvc.yaml`` uses them too)."""
 
-    raw: str = "data/raw"
-    processed: str = "data/processed"
-    models: str = "models"
-    reports: str = "reports"
+    section: ClassVar[str] = "paths"
+
+    raw: Str = Field("data/raw", description="Downloaded files, one folder per dataset (stage download).")
+    processed: Str = Field("data/processed", description="Parsed splits, one folder per dataset (stage binarize).")
+    models: Str = Field("models", description="The trained model (model.pt) and the resumable train_state.pt.")
+    reports: Str = Field("reports", description="Metrics, curves, figures and the report.")
 
     def raw_dir(self, dataset: str) -> Path:
         return Path(self.raw) / dataset
@@ -127,102 +187,79 @@ class PathsConfig:
         return Path(self.reports) / "figures"
 
 
-def _dataset_binarization(self) -> list[str]:
-    allowed = DATASET_BINARIZATIONS.get(self.dataset)
-    if allowed is None or self.binarization in allowed or self.binarization not in BINARIZATIONS:
-        return []  # an unknown dataset or binarization is reported by its own check
-    return [f"binarization = {self.binarization!r}: dataset {self.dataset!r} allows "
-            f"{', '.join(allowed)}"]
+def _split_sizes(variant: datasets.Variant) -> str:
+    """`` (50000 / 10000 / 10000)``: the examples per split the variant's files hold, if it says."""
+    counts = getattr(variant, "file_counts", None) or {}
+    return f" ({' / '.join(str(counts[split]) for split in datasets.SPLITS if split in counts)})" if counts else ""
 
 
-def _fixed_split(self) -> list[str]:
-    problems = []
-    if self.dataset == "mnist" and self.test_size is not None:
-        problems.append(f"test_size = {self.test_size!r}: MNIST has a fixed test set of 10000 images; "
-                        "expected null (use eval_subset to evaluate fewer)")
-    if self.binarization == "static" and self.validation_size is not None:
-        problems.append(f"validation_size = {self.validation_size!r}: the static binarization's "
-                        "files fix the split (50000 / 10000 / 10000); expected null")
-    return problems
+class DataConfig(Section):
+    """Dataset, split and binarization (stages ``download`` and ``binarize``); the datasets and
+    what each allows are the registry's (:mod:`vae.datasets`). The subsets exist for quick
+    experiments and tests, never for reported numbers."""
 
+    section: ClassVar[str] = "data"
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Dataset, split and binarization (stages ``download`` and ``binarize``).
+    dataset: DatasetName = Field(
+        "mnist", description="The dataset: mnist, or frey (Frey Face, grey, Gaussian decoder).")
+    binarization: Binarization = Field(
+        "dynamic", description="mnist: dynamic (training images resampled ~ Bernoulli(intensity) per minibatch; "
+                               "validation and test binarized once) or static (the fixed Larochelle files, their own "
+                               "50000 / 10000 / 10000 split); frey: none (grey values).")
+    validation_size: PositiveInt | None = Field(
+        None, description="Validation examples; null = the dataset's standard (MNIST: 10000 of the 60000 training "
+                          "images; Frey Face: 200 of the 1965 faces, by a permutation seeded with split_seed).")
+    test_size: PositiveInt | None = Field(
+        None, description="Test examples; null = the dataset's standard (MNIST's fixed 10000 test images; "
+                          "Frey Face 200).")
+    split_seed: Int = Field(0, ge=0, description="Seeds the permutation that splits the examples.")
+    binarization_seed: Int = Field(
+        0, ge=0, description="Seeds the fixed binarization of the validation and test images.")
+    train_subset: PositiveInt | None = Field(
+        None, description="Cap on training examples (null = all); for quick trials only.")
+    eval_subset: PositiveInt | None = Field(
+        None, description="Cap on validation and test examples (null = all); for quick trials only.")
 
-    ``dataset`` ``mnist`` has binarization ``dynamic`` (training images resampled as
-    Bernoulli(intensity) per minibatch) or ``static`` (the fixed Larochelle files, their own
-    50000 / 10000 / 10000 split); ``frey`` (Frey Face) has ``none`` (grey values, Gaussian
-    decoder). ``validation_size`` and ``test_size`` null mean the dataset's standard split
-    (MNIST: 10000 validation images from the 60000 training ones, the 10000 test images;
-    Frey Face: 200 and 200 of the 1965 faces, by a permutation seeded with ``split_seed``).
-    ``train_subset`` caps the training examples and ``eval_subset`` the validation and the test
-    examples (``null`` keeps all); they exist for quick experiments and tests, never for
-    reported numbers.
-    """
-
-    dataset: str = "mnist"
-    binarization: str = "dynamic"
-    validation_size: int | None = None
-    test_size: int | None = None
-    split_seed: int = 0
-    binarization_seed: int = 0
-    train_subset: int | None = None
-    eval_subset: int | None = None
-
-    _checks = (_choice("dataset", DATASETS), _choice("binarization", BINARIZATIONS),
-               _dataset_binarization, _fixed_split,
-               _positive("validation_size", "test_size", "train_subset", "eval_subset"),
-               _non_negative("split_seed", "binarization_seed"))
+    @model_validator(mode="after")
+    def _fits_the_dataset(self, info: ValidationInfo) -> DataConfig:
+        problems = Problems(self, info)
+        entry = datasets.get(self.dataset)
+        variant = entry.variants.get(self.binarization)
+        if problems.valid("dataset", "binarization") and variant is None:
+            problems.add("binarization", f"dataset {self.dataset!r} allows {', '.join(entry.binarizations)}")
+        if problems.valid("dataset", "test_size") and entry.fixed_test and self.test_size is not None:
+            problems.add("test_size", f"{entry.title} has a fixed test set of {entry.test_size} images; expected "
+                                      "null (use eval_subset to evaluate fewer)")
+        if problems.valid("dataset", "binarization", "validation_size") and variant is not None \
+                and variant.fixed_split and self.validation_size is not None:
+            problems.add("validation_size", f"the {self.binarization} binarization's files fix the split"
+                                            f"{_split_sizes(variant)}; expected null")
+        return problems.done()
 
     @property
     def likelihood(self) -> str:
-        """The decoder's likelihood this data calls for: ``bernoulli`` for binary data, else ``gaussian``."""
-        return "gaussian" if self.binarization == "none" else "bernoulli"
+        """The decoder's likelihood this data calls for (the registry's): ``bernoulli`` for binary
+        data, ``gaussian`` for grey values."""
+        return datasets.variant(self.dataset, self.binarization).likelihood
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture: ``hidden_layers`` tanh layers of ``hidden_dim`` units in the encoder and, mirrored,
-    in the decoder (AEVB App. C: one layer; IWAE's one-stochastic-layer model: two of 200).
+    in the decoder (AEVB App. C: one layer; IWAE's one-stochastic-layer model: two of 200). The
+    decoder's likelihood follows the data (``DataConfig.likelihood``)."""
 
-    ``init_std`` null keeps PyTorch's default initialisation; a number draws every weight and
-    bias from N(0, init_std^2) (AEVB Sec. 5: N(0, 0.01), read as a standard deviation of 0.01, as in
-    the authors' code). The decoder's likelihood follows the data (``DataConfig.likelihood``).
-    """
+    section: ClassVar[str] = "model"
 
-    latent_dim: int = 20
-    hidden_dim: int = 500
-    hidden_layers: int = 1
-    init_std: float | None = None
-
-    _checks = (_positive("latent_dim", "hidden_dim", "hidden_layers", "init_std"),)
-
-
-def _one_length(self) -> list[str]:
-    if (self.epochs is None) == (self.training_samples is None):
-        return [f"epochs = {self.epochs!r}: set exactly one of epochs and training_samples "
-                f"(training_samples = {self.training_samples!r})"]
-    return []
+    latent_dim: PositiveInt = Field(20, description="N_z: size of the latent variable z.")
+    hidden_dim: PositiveInt = Field(500, description="Units of each tanh hidden layer.")
+    hidden_layers: PositiveInt = Field(1, description="Tanh layers on each side (AEVB: 1; IWAE's model: 2).")
+    init_std: PositiveFloat | None = Field(
+        None, description="null keeps PyTorch's default initialisation; a number draws every weight and bias from "
+                          "N(0, init_std^2) (AEVB Sec. 5: N(0, 0.01), read as a standard deviation of 0.01, as in "
+                          "the authors' code).")
 
 
-def _iwae_samples(self) -> list[str]:
-    if self.objective == "elbo" or self.samples > 1 or self.samples < 1:
-        return []
-    return [f"samples = {self.samples!r}: the iwae objective with k = 1 is the ELBO; expected k > 1 "
-            "(or objective: elbo)"]
-
-
-def _wake_sleep_objective(self) -> list[str]:
-    if self.algorithm != "wake-sleep" or self.objective == "elbo":
-        return []
-    return [f"algorithm = {self.algorithm!r}: not with objective = {self.objective!r} (wake-sleep trains its own "
-            "wake and sleep objectives; the iwae bound is an AEVB objective); expected objective: elbo, "
-            "or algorithm: aevb"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation (stage ``train``).
 
     ``algorithm`` ``aevb`` (Kingma & Welling 2014, Alg. 1: encoder and decoder ascend one bound,
@@ -230,79 +267,91 @@ class TrainConfig:
     with the same encoder and decoder): the wake phase ascends log p(x, z), z ~ q(z|x) (``samples``
     = L per example, no gradient to the encoder), over the decoder; the sleep phase ascends
     log q(z|x) on as many fantasies (z, x) ~ p(z) p(x|z), over the encoder. Both with the same
-    optimizer settings; the curves report the same ELBO as AEVB's. Under wake-sleep ``objective``
-    stays ``elbo`` (the bound its curves report); ``iwae`` is rejected.
-    Length: ``epochs`` passes over the training set, or ``training_samples`` training examples
-    evaluated (AEVB Fig. 2's x-axis; the last pass may be partial); exactly one is set.
-    ``schedule`` ``iwae`` divides the learning rate by 10^(i/7) during passes 3^0 + ... + 3^(i-1)
-    to 3^0 + ... + 3^i (Burda et al. 2016, Sec. 5; 3280 passes for i = 0..7).
-    ``step_size_candidates``: when set, each candidate trains from the same initial parameters
-    for ``step_size_selection_samples`` examples and the one with the best training ELBO is used
-    (AEVB Sec. 5; ``learning_rate`` is then ignored).
-    ``objective`` ``elbo`` (SGVB estimator B with ``samples`` = L) or ``iwae`` (the k-sample
-    importance-weighted bound, Burda et al. 2016 Eq. 8, ``samples`` = k > 1).
-    ``map_prior`` adds a N(0, I) prior on the parameters, scaled by 1 / (training examples):
-    weight decay making the fit approximate MAP (AEVB Sec. 5).
-    ``curve_points`` bounds how many (log-spaced) passes get a train and validation ELBO;
-    ``log_interval`` minibatches are averaged into each row of the per-step curve.
-    ``checkpoint_interval`` seconds between resumable checkpoints (0: after every pass); a
-    re-run after an interruption resumes from the last one. ``early_stopping_patience``
-    evaluations without a better validation ELBO stop training and keep the best parameters
-    (null: off).
+    optimizer settings; the curves report the same ELBO as AEVB's. Length: exactly one of
+    ``epochs`` and ``training_samples``.
     """
 
-    algorithm: str = "aevb"
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    epsilon: float | None = None
-    step_size_candidates: list[float] | None = None
-    step_size_selection_samples: int = 100000
-    schedule: str = "constant"
-    objective: str = "elbo"
-    samples: int = 1
-    map_prior: bool = False
-    batch_size: int = 100
-    epochs: int | None = 30
-    training_samples: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    elbo_eval_size: int = 10000
-    curve_points: int = 200
-    log_interval: int = 50
-    checkpoint_interval: int = 60
-    early_stopping_patience: int | None = None
+    section: ClassVar[str] = "train"
 
-    _checks = (_choice("algorithm", ALGORITHMS), _choice("optimizer", OPTIMIZERS), _choice("device", DEVICES),
-               _choice("schedule", SCHEDULES), _choice("objective", OBJECTIVES), _wake_sleep_objective,
-               _positive("learning_rate", "epsilon", "step_size_selection_samples", "samples", "batch_size",
-                         "epochs", "training_samples", "elbo_eval_size", "curve_points", "log_interval",
-                         "early_stopping_patience"),
-               _positive_items("step_size_candidates"),
-               _one_length, _iwae_samples, _non_negative("seed", "checkpoint_interval"))
+    algorithm: Algorithm = Field(
+        "aevb", description="aevb (Kingma & Welling 2014, Alg. 1) or wake-sleep (Hinton et al. 1995, AEVB Sec. 5's "
+                            "baseline; its objective stays elbo, the bound its curves report).")
+    optimizer: Optimizer = Field("adam", description="adam or adagrad.")
+    learning_rate: PositiveFloat = Field(1e-3, description="Step size (ignored when step_size_candidates is set).")
+    epsilon: PositiveFloat | None = Field(
+        None, description="The optimizer's eps; null = PyTorch's default (IWAE: Adam eps 1e-4).")
+    step_size_candidates: list[PositiveFloat] | None = Field(
+        None, description="When set, each candidate trains from the same initial parameters for "
+                          "step_size_selection_samples examples and the one with the best training ELBO is used "
+                          "(AEVB Sec. 5; learning_rate is then ignored).")
+    step_size_selection_samples: PositiveInt = Field(
+        100000, description="Training examples each candidate is tried for.")
+    schedule: Schedule = Field(
+        "constant", description="constant, or iwae: the learning rate divided by 10^(i/7) during passes "
+                                "3^0 + ... + 3^(i-1) to 3^0 + ... + 3^i (Burda et al. 2016, Sec. 5; 3280 passes for "
+                                "i = 0..7).")
+    objective: Objective = Field(
+        "elbo", description="elbo (SGVB estimator B with samples = L) or iwae (the k-sample importance-weighted "
+                            "bound, Burda et al. 2016 Eq. 8, samples = k > 1).")
+    samples: PositiveInt = Field(1, description="L for elbo (and for wake-sleep's wake phase), k for iwae.")
+    map_prior: Bool = Field(
+        False, description="Adds a N(0, I) prior on the parameters, scaled by 1 / (training examples): weight decay "
+                           "making the fit approximate MAP (AEVB Sec. 5).")
+    batch_size: PositiveInt = Field(100, description="Examples per minibatch.")
+    epochs: PositiveInt | None = Field(
+        30, description="Passes over the training set; or null and set training_samples.")
+    training_samples: PositiveInt | None = Field(
+        None, description="Training examples evaluated (AEVB Fig. 2's x-axis; the last pass may be partial), "
+                          "instead of epochs.")
+    seed: Int = Field(0, ge=0, description="Seeds the initialisation, the minibatch order and the noise.")
+    device: Device = Field("auto", description="auto = CUDA when available, else CPU.")
+    elbo_eval_size: PositiveInt = Field(10000, description="Training examples behind the per-pass train ELBO.")
+    curve_points: PositiveInt = Field(
+        200, description="At most this many (log-spaced) passes get a train and validation ELBO.")
+    log_interval: PositiveInt = Field(50, description="Minibatches averaged into each row of train_steps.csv.")
+    checkpoint_interval: Int = Field(
+        60, ge=0, description="Seconds between resumable checkpoints (0: after every pass); a re-run after an "
+                              "interruption resumes from the last one.")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="Evaluations without a better validation ELBO before training stops, keeping the best "
+                          "parameters (null: off).")
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> TrainConfig:
+        problems = Problems(self, info)
+        if problems.valid("algorithm", "objective") and self.algorithm == "wake-sleep" and self.objective != "elbo":
+            problems.add("algorithm", f"not with objective = {self.objective!r} (wake-sleep trains its own wake and "
+                                      "sleep objectives; the iwae bound is an AEVB objective); expected objective: "
+                                      "elbo, or algorithm: aevb")
+        if problems.valid("epochs", "training_samples") and (self.epochs is None) == (self.training_samples is None):
+            problems.add("epochs", "set exactly one of epochs and training_samples "
+                                   f"(training_samples = {self.training_samples!r})")
+        if problems.valid("objective", "samples") and self.objective == "iwae" and self.samples == 1:
+            problems.add("samples", "the iwae objective with k = 1 is the ELBO; expected k > 1 (or objective: elbo)")
+        return problems.done()
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Importance-sampled log-likelihood (stage ``evaluate``; IWAE, Burda et al. 2016, Eq. 8).
+class EvaluateConfig(Section):
+    """Importance-sampled log-likelihood (stage ``evaluate``; IWAE, Burda et al. 2016, Eq. 8)."""
 
-    ``memory_budget_mb`` bounds the working memory of one (examples x samples) chunk; 16 MB keeps
-    a chunk in a CPU's caches (on a GPU, 1024 or more runs faster). ``bound_curve`` lists the k
-    at which L_k is also reported (values above ``importance_samples`` are dropped, and
-    ``importance_samples`` itself is always included). ``train_examples`` training images
-    (null = all) get the same estimate, so that overfitting shows as a number.
-    """
+    section: ClassVar[str] = "evaluate"
 
-    importance_samples: int = 1000
-    bound_curve: list[int] = field(default_factory=lambda: [1, 5, 50, 500, 5000])
-    train_examples: int | None = 2000
-    memory_budget_mb: float = 16
-    seed: int = 0
-    device: str = "auto"
-    active_unit_threshold: float = 0.01
-
-    _checks = (_choice("device", DEVICES),
-               _positive("importance_samples", "train_examples", "memory_budget_mb", "active_unit_threshold"),
-               _positive_items("bound_curve"), _non_negative("seed"))
+    importance_samples: PositiveInt = Field(
+        1000, description="k of L_k (the literature reports k = 5000; about 6 min for 10000 images on 2 CPU cores).")
+    bound_curve: list[PositiveInt] = Field(
+        [1, 5, 50, 500, 5000], description="L_k is also reported at these k (values above importance_samples are "
+                                           "dropped; importance_samples itself is always included).")
+    train_examples: PositiveInt | None = Field(
+        2000, description="Training images given the same estimate, so that overfitting shows as a number "
+                          "(null = all).")
+    memory_budget_mb: PositiveFloat = Field(
+        16.0, description="Working memory of one (examples x samples) chunk; 16 MB keeps a chunk in a CPU's caches "
+                          "(on a GPU, 1024 or more runs faster).")
+    seed: Int = Field(0, ge=0, description="Seeds the importance samples.")
+    device: Device = Field("auto", description="auto = CUDA when available, else CPU.")
+    active_unit_threshold: PositiveFloat = Field(
+        0.01, description="A latent unit is active when the variance of its posterior mean over the test set "
+                          "exceeds this.")
 
     @property
     def curve(self) -> list[int]:
@@ -310,66 +359,17 @@ class EvaluateConfig:
         return sorted({k for k in self.bound_curve if k <= self.importance_samples} | {self.importance_samples})
 
 
-@dataclass(frozen=True)
-class VisualizeConfig:
+class VisualizeConfig(Section):
     """Figures (stage ``visualize``)."""
 
-    samples_grid: int = 10
-    reconstructions: int = 10
-    manifold_grid: int = 20
-    projection: str = "pca"
-    latent_points: int = 5000
-    seed: int = 0
+    section: ClassVar[str] = "visualize"
 
-    _checks = (_choice("projection", PROJECTIONS),
-               _positive("samples_grid", "reconstructions", "manifold_grid", "latent_points"),
-               _non_negative("seed"))
-
-
-def _distinct_items(*names: str):
-    def check(self) -> list[str]:
-        problems = []
-        for name in names:
-            value = getattr(self, name)
-            if not value:
-                problems.append(f"{name} = {value!r}: expected a non-empty list")
-            elif len(set(value)) != len(value):
-                problems.append(f"{name} = {value!r}: expected each value once")
-        return problems
-    return check
-
-
-def _sweep_algorithms(self) -> list[str]:
-    bad = [a for a in self.algorithms if a not in ALGORITHMS]
-    return [f"algorithms = {self.algorithms!r}: unknown {', '.join(map(repr, bad))}; expected values from "
-            f"{', '.join(ALGORITHMS)}"] if bad else []
-
-
-def _sweep_seeds(self) -> list[str]:
-    return [] if all(seed >= 0 for seed in self.seeds) else \
-        [f"seeds = {self.seeds!r}: expected integers >= 0"]
-
-
-def _per_dataset(name: str):
-    def check(self) -> list[str]:
-        value = getattr(self, name)
-        if sorted(value) == sorted(DATASETS):
-            return []
-        return [f"{name} = {value!r}: expected one entry per dataset ({', '.join(DATASETS)}); "
-                "an empty list of latent sizes leaves a dataset out"]
-    return check
-
-
-def _sweep_latent_dims(self) -> list[str]:
-    problems = []
-    for dataset, sizes in self.latent_dims.items():
-        if not all(size > 0 for size in sizes) or len(set(sizes)) != len(sizes):
-            problems.append(f"latent_dims = {{{dataset}: {sizes!r}}}: expected distinct integers > 0 "
-                            f"for {dataset}")
-    if not any(self.latent_dims.values()):
-        problems.append(f"latent_dims = {self.latent_dims!r}: the sweep has no member; give at least "
-                        "one dataset a latent size")
-    return problems
+    samples_grid: PositiveInt = Field(10, description="A samples_grid x samples_grid grid of prior samples.")
+    reconstructions: PositiveInt = Field(10, description="Test images shown beside their reconstructions.")
+    manifold_grid: PositiveInt = Field(20, description="Points per side of Figure 4's manifold, when latent_dim = 2.")
+    projection: Projection = Field("pca", description="pca or tsne: the latent space's projection for latent_dim > 2.")
+    latent_points: PositiveInt = Field(5000, description="Test points in the latent-space scatter.")
+    seed: Int = Field(0, ge=0, description="Seeds the samples and the projection.")
 
 
 # What a sweep member's settings may set: the matrix fixes the dataset, latent size, algorithm and
@@ -377,108 +377,137 @@ def _sweep_latent_dims(self) -> list[str]:
 SWEEP_FIXED = {"data": ("dataset",), "model": ("latent_dim",), "train": ("algorithm", "seed")}
 SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
 
-
-def _sweep_settings(self) -> list[str]:
-    from vae.sweep import member_params, Member  # the member's full parameters are built there
-
-    problems = []
-    for dataset in DATASETS:
-        settings = self.settings.get(dataset)
-        if not isinstance(settings, dict):
-            continue  # reported by _per_dataset
-        reported = len(problems)
-        for section, values in settings.items():
-            if section not in SWEEP_SECTIONS:
-                problems.append(f"settings.{dataset}.{_key_text(section)} = {values!r}: unknown section; expected "
-                                f"{', '.join(SWEEP_SECTIONS)}")
-            elif not isinstance(values, dict):
-                problems.append(f"settings.{dataset}.{section} = {values!r}: expected a mapping of keys to values")
-            else:
-                problems.extend(f"settings.{dataset}.{section}.{key} = {values[key]!r}: set by the sweep "
-                                f"(its matrix and {'data.dataset' if key == 'dataset' else 'the member'}); "
-                                "remove it here" for key in SWEEP_FIXED.get(section, ()) if key in values)
-        if len(problems) > reported:
-            continue
-        # A valid latent size stands in for the matrix's (a bad one is _sweep_latent_dims' to report).
-        latent_dim = next((size for size in self.latent_dims.get(dataset, []) if size > 0), 1)
-        failing: dict[str, list[str]] = {}  # problem -> the algorithms it occurs with
-        for algorithm in self.algorithms if _sweep_algorithms(self) == [] else ():
-            try:
-                member_params(self, Member(dataset, latent_dim, algorithm, 0))
-            except ConfigError as error:
-                for line in str(error).split(":\n", 1)[-1].splitlines():
-                    failing.setdefault(line.strip(), []).append(algorithm)
-        problems.extend(f"settings.{dataset}.{line}" + ("" if len(algorithms) == len(self.algorithms) else
-                                                         f" (with algorithm {', '.join(algorithms)})")
-                        for line, algorithms in failing.items())
-    return problems
+DEFAULT_SWEEP_SETTINGS = {
+    dataset: {"data": data, "model": {"hidden_dim": 200},
+              "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "checkpoint_interval": 0,
+                        "device": "cpu"},
+              "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
+                           "device": "cpu"}}
+    for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
+                          ("frey", {"binarization": "none"}))}
 
 
-def _sweep_members(self) -> list[str]:
-    # Latent sizes and settings per dataset, once latent_dims and settings have an entry for each.
-    if _per_dataset("latent_dims")(self) or _per_dataset("settings")(self):
-        return []
-    return _sweep_latent_dims(self) + _sweep_settings(self)
-
-
-@dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Section):
     """The latent-size sweep of AEVB Figure 2 (stages ``sweep-data``, ``sweep-mnist``, ``sweep-frey``,
     ``sweep-report``; :mod:`vae.sweep`): every combination of ``latent_dims[dataset]`` x
-    ``algorithms`` x ``seeds`` is one member, trained and evaluated on its own.
+    ``algorithms`` x ``seeds`` is one member (:class:`Member`), trained and evaluated on its own.
 
-    A member's parameters are the defaults of this module (not the main run's sections) with
-    ``settings[dataset]`` (sections data, model, train, evaluate) on top, and the member's dataset,
-    latent size, algorithm and seed. ``threads`` fixes torch's CPU threads per member, so a member
-    gives the same numbers whether ``dvc repro`` runs it alone or a parallel sweep runs it beside
-    others (null: torch's default, which depends on the machine). An empty ``latent_dims`` list
-    leaves that dataset out.
+    A member's parameters (:func:`member_params`) are the defaults of this module (not the main
+    run's sections) with ``settings[dataset]`` (sections data, model, train, evaluate) on top, and
+    the member's dataset, latent size, algorithm and seed. Validation derives every member's
+    parameters, so a setting that fails one member is reported here.
     """
 
-    size: str = "quick"
-    algorithms: list[str] = field(default_factory=lambda: ["aevb", "wake-sleep"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    latent_dims: dict[str, list[int]] = field(default_factory=lambda: {"mnist": [3, 20], "frey": [2, 10]})
-    threads: int | None = 1
-    settings: dict[str, dict] = field(default_factory=lambda: {
-        "mnist": {"data": {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000},
-                  "model": {"hidden_dim": 200},
-                  "train": {"epochs": None, "training_samples": 200000, "curve_points": 40,
-                            "checkpoint_interval": 0, "device": "cpu"},
-                  "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
-                               "device": "cpu"}},
-        "frey": {"data": {"binarization": "none"},
-                 "model": {"hidden_dim": 200},
-                 "train": {"epochs": None, "training_samples": 200000, "curve_points": 40,
-                           "checkpoint_interval": 0, "device": "cpu"},
-                 "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
-                              "device": "cpu"}}})
+    section: ClassVar[str] = "sweep"
 
-    _checks = (_choice("size", SWEEP_SIZES), _distinct_items("algorithms", "seeds"), _sweep_algorithms,
-               _sweep_seeds, _per_dataset("latent_dims"), _per_dataset("settings"), _positive("threads"), _sweep_members)
+    size: SweepSize = Field(
+        "quick", description="A label: quick (few members, short training: CPU minutes) or full "
+                             "(`vae profile aevb-figure2`).")
+    algorithms: Annotated[list[Algorithm], AfterValidator(_distinct)] = Field(
+        ["aevb", "wake-sleep"], min_length=1, json_schema_extra=UNIQUE, description="The algorithms compared.")
+    seeds: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], AfterValidator(_distinct)] = Field(
+        [0], min_length=1, json_schema_extra=UNIQUE, description="train.seed of the members; one member per seed.")
+    latent_dims: dict[str, list[Int]] = Field(
+        {"mnist": [3, 20], "frey": [2, 10]},
+        description="Latent sizes per dataset, one entry per dataset; [] leaves it out (paper: mnist 3, 5, 10, 20, "
+                    "200; frey 2, 5, 10, 20).",
+        json_schema_extra={"additionalProperties": {"type": "array", "uniqueItems": True,
+                                                    "items": {"type": "integer", "exclusiveMinimum": 0}}})
+    threads: PositiveInt | None = Field(
+        1, description="torch CPU threads per member, fixed so that a member gives the same numbers whether it runs "
+                       "alone or beside others (null: torch's default, which depends on the machine).")
+    settings: dict[str, dict] = Field(
+        DEFAULT_SWEEP_SETTINGS,
+        description="Per dataset: the sections data, model, train, evaluate that each member sets on top of the "
+                    "defaults of vae/config.py (not the sections above).")
+
+    @model_validator(mode="after")
+    def _members_valid(self, info: ValidationInfo) -> SweepConfig:
+        problems = Problems(self, info)
+        names = datasets.NAMES
+        for name in ("latent_dims", "settings"):
+            if problems.valid(name) and sorted(getattr(self, name)) != sorted(names):
+                problems.add(name, f"expected one entry per dataset ({', '.join(names)}); an empty list of latent "
+                                   "sizes leaves a dataset out")
+        if problems.lines:
+            return problems.done()
+        if problems.valid("latent_dims"):
+            for dataset, sizes in self.latent_dims.items():
+                if not all(size > 0 for size in sizes) or len(set(sizes)) != len(sizes):
+                    problems.add("latent_dims", f"expected distinct integers > 0 for {dataset}",
+                                 as_text=f"{{{dataset}: {sizes!r}}}")
+            if not any(self.latent_dims.values()):
+                problems.add("latent_dims", "the sweep has no member; give at least one dataset a latent size")
+        if problems.valid("settings"):
+            for dataset in names:
+                problems.lines.extend(self._settings_problems(dataset, run_members=problems.valid("algorithms")))
+        return problems.done()
+
+    def _settings_problems(self, dataset: str, run_members: bool) -> list[str]:
+        settings = self.settings[dataset]
+        where = f"settings.{dataset}"
+        problems = []
+        for section, values in settings.items():
+            if section not in SWEEP_SECTIONS:
+                problems.append(f"{where}.{key_text(section)} = {shown(values)}: unknown section; expected "
+                                f"{', '.join(SWEEP_SECTIONS)}")
+            elif not isinstance(values, dict):
+                problems.append(f"{where}.{section} = {shown(values)}: expected a mapping of keys to values")
+            else:
+                problems.extend(f"{where}.{section}.{key} = {shown(values[key])}: set by the sweep (its matrix and "
+                                f"{'data.dataset' if key == 'dataset' else 'the member'}); remove it here"
+                                for key in SWEEP_FIXED.get(section, ()) if key in values)
+        if problems or not run_members:
+            return problems
+        # A valid latent size stands in for the matrix's (a bad one is reported as latent_dims').
+        latent_dim = next((size for size in self.latent_dims.get(dataset, []) if size > 0), 1)
+        failing: dict[str, list[str]] = {}  # problem -> the algorithms it occurs with
+        for algorithm in self.algorithms:
+            overrides = _member_overrides(settings, Member(dataset, latent_dim, algorithm, 0))
+            raw = {section: {**_SECTIONS[section]().to_dict(), **overrides[section]} for section in SWEEP_SECTIONS}
+            for line in _sections(raw, {}, SWEEP_SECTIONS)[1]:
+                failing.setdefault(line, []).append(algorithm)
+        return [f"{where}.{line}" + ("" if len(algorithms) == len(self.algorithms) else
+                                     f" (with algorithm {', '.join(algorithms)})")
+                for line, algorithms in failing.items()]
 
 
-PROFILE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
-INTEGER_LIMIT = 2**63  # every integer parameter must fit in 64 bits (torch's and numpy's integers)
-
-
-@dataclass(frozen=True)
-class Params:
+class Params(_Model):
     """All sections of ``params.yaml``, and ``profile``: the name of the named configuration
     (``vae profile``) the file was written from, recorded with every result."""
 
-    profile: str = "quick"
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    profile: Str = Field("quick", pattern=f"^{PROFILE_PATTERN.pattern}$",
+                         description="The named configuration (vae/profiles/NAME.yaml) this file was written from.")
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """The parameters as plain nested dicts (what was read, with defaults filled in)."""
-        return dataclasses.asdict(self)
+    model_config = ConfigDict(title="params.yaml")
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The JSON schema of ``params.yaml`` (pydantic's, with its dialect and the sweep's
+        per-dataset settings described as partial sections)."""
+        schema = super().model_json_schema(*args, **kwargs)
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                  "$comment": "Generated from vae/config.py (`vae params --schema`); the rules that involve "
+                              "several knobs are checked by `vae params`.", **schema}
+        sections = {name: {"$ref": f"#/$defs/{_SECTIONS[name].__name__}"} for name in SWEEP_SECTIONS}
+        schema["$defs"]["SweepConfig"]["properties"]["settings"]["additionalProperties"] = {
+            "type": "object", "properties": sections, "additionalProperties": False}
+        return schema
+
+    @classmethod
+    def _problems(cls, values: dict[str, Any]) -> list[str]:
+        try:
+            _params({key: value.to_dict() if isinstance(value, _Model) else value for key, value in values.items()}, "")
+        except ConfigError as error:
+            return str(error).split(":\n", 1)[-1].replace("\n  ", "\n").strip().splitlines()
+        return []
 
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}`` for every parameter of every section, e.g. to log to MLflow."""
@@ -486,177 +515,175 @@ class Params:
                 if isinstance(values, dict) for key, value in values.items()}
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    if annotation is dict or typing.get_origin(annotation) is dict:
-        key_type, value_type = typing.get_args(annotation) or (str, Any)
-        return isinstance(value, dict) and all(_type_ok(k, key_type) and (value_type is Any or _type_ok(v, value_type))
-                                               for k, v in value.items())
-    if typing.get_origin(annotation) is list:
-        (item,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:  # YAML reads 1e-3 as a string unless written 1.0e-3; accept ints too
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+_SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()
+                                       if name != "profile"}
+SECTIONS: tuple[str, ...] = tuple(_SECTIONS)  # the sections of params.yaml, in its order
 
 
-def _type_name(annotation: Any) -> str:
-    if annotation is dict or typing.get_origin(annotation) is dict:
-        value_type = (typing.get_args(annotation) or (str, Any))[1]
-        inner = "values" if value_type is Any else _type_name(value_type).removeprefix("an ").removeprefix("a ")
-        return f"a mapping of names to {'mappings' if value_type is dict else inner}"
-    if typing.get_origin(annotation) is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    return {type(None): "null", int: "an integer", float: "a number", str: "a string",
-            bool: "true or false"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    # PyYAML parses "1e-3" (no dot) as a string; accept it for float fields.
-    if isinstance(value, str) and _type_ok(1.0, annotation) and not _type_ok(value, annotation):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.0, annotation) \
-            and not _type_ok(True, annotation):  # int for a float (or float | None) field
-        try:
-            return float(value)
-        except OverflowError:  # beyond a float's range: the type check reports it
-            return value
-    return value
-
-
-def _unknown(key: Any, known: list[str], kind: str = "key") -> str:
-    if not isinstance(key, str):  # YAML reads a key written 1, null or true as int, None, bool
-        return f"{_key_text(key)}: unknown {kind}, not a name ({type(key).__name__}); allowed {kind}s: {', '.join(known)}"
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{_key_text(key)}: unknown {kind}{hint}; allowed {kind}s: {', '.join(known)}"
-
-
-def _integer_text(value: int) -> str:
-    # Python refuses to print an integer of over 4300 digits; no message may depend on it.
-    return repr(value) if value.bit_length() <= 128 else f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-
-
-def _key_text(key: Any) -> str:
-    """A key as messages name it: a printable name as it is, else (empty, blank at either end,
-    a line break, not a string) its repr, on one line."""
-    if isinstance(key, str) and key and key.isprintable() and key == key.strip():
-        return key
-    if isinstance(key, int) and not isinstance(key, bool):
-        return _integer_text(key)
-    try:
-        return repr(key)
-    except (ValueError, RecursionError):
-        return f"<a {type(key).__name__} key>"
-
-
-def _oversized_integers(raw: Any) -> list[str]:
-    """One problem per integer of more than 64 bits anywhere in ``raw`` (values, list items, keys),
-    named by its path: torch and numpy take no larger integer, and one of over 4300 digits cannot
-    even be printed in a message."""
-    problems: list[str] = []
-    stack: list[tuple[str, Any]] = [("", raw)]
-    seen: set[int] = set()  # YAML anchors can make a list that contains itself
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not -INTEGER_LIMIT <= value < INTEGER_LIMIT:
-                problems.append(f"{where or 'the file'} = {_integer_text(value)}: expected an integer "
-                                "from -2**63 to 2**63 - 1")
-            continue
-        if not isinstance(value, (dict, list, tuple, set, frozenset)) or id(value) in seen:
-            continue
-        seen.add(id(value))
-        children = []
-        if isinstance(value, dict):
-            for key, item in value.items():
-                name = f"{where}.{_key_text(key)}" if where else _key_text(key)
-                children += [(f"{name} (the key)", key), (name, item)]
+def _sections(raw: Mapping[str, Any], base: Mapping[str, Section],
+              names: tuple[str, ...] | None = None) -> tuple[dict[str, Section], list[str]]:
+    """The sections ``names`` (default: all) of ``raw`` validated, and their problems
+    (``section.key = value: ...``); a section that is absent or null is ``base``'s, else its defaults."""
+    built, problems = {}, []
+    for name in names or tuple(_SECTIONS):
+        cls = _SECTIONS[name]
+        values = raw.get(name)
+        if values is None:
+            built[name] = base[name] if name in base else cls()
+        elif not isinstance(values, dict):
+            problems.append(f"{name} = {shown(values)}: section {name!r} must be a mapping of keys to values, "
+                            f"got {type(values).__name__}")
         else:
-            children = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
-        stack.extend(reversed(children))
-    return problems
+            instance, found = section_problems(cls, values)
+            problems += [f"{name}.{line}" for line in found]
+            if instance is not None:
+                built[name] = instance
+    return built, problems
 
 
-def _build_section(cls: type, section: str, raw: Any, source: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: invalid parameters:\n  {section} = {raw!r}: section {section!r} must be "
-                          f"a mapping of keys to values, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    problems = [_unknown(key, list(fields)) for key in raw if key not in fields]
-    values = {}
-    for name, value in raw.items():
-        if name not in fields:
-            continue
-        value = _coerce(value, hints[name])
-        if not _type_ok(value, hints[name]):
-            problems.append(f"{name} = {value!r}: expected {_type_name(hints[name])}")
-        values[name] = value
-    # Range and choice checks run on the well-typed values (defaults standing in for the
-    # others), so one message names every problem of the section.
-    bad_types = {p.split(" = ", 1)[0] for p in problems}
-    instance = cls(**{k: v for k, v in values.items() if k not in bad_types})
-    for check in getattr(cls, "_checks", ()):
-        problems.extend(p for p in check(instance) if p.split(" = ", 1)[0] not in bad_types)
-    if not problems:
-        return instance
-    lines = "\n".join(f"  {section}.{p}" for p in problems)
-    raise ConfigError(f"{source}: invalid parameters:\n{lines}")
-
-
-def params_from_dict(raw: Any, source: str = "params") -> Params:
-    """Build and validate :class:`Params` from a nested mapping.
-
-    Raises:
-        ConfigError: naming every bad section, key or value at once (an integer of more than 64
-            bits, anywhere, is reported alone, before the rest is checked).
-    """
+def _params(raw: Any, source: str, base: Params | None = None) -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    oversized = _oversized_integers(raw)
+    oversized = oversized_integers(raw)
     if oversized:
-        raise ConfigError(f"{source}: invalid parameters:\n" + "\n".join(f"  {problem}" for problem in oversized))
-    sections = {f.name: f for f in dataclasses.fields(Params) if f.name != "profile"}
-    unknown = [key for key in raw if key not in sections and key != "profile"]
-    if unknown:
-        raise ConfigError(f"{source}: invalid parameters:\n"
-                          + "\n".join(f"  {_unknown(k, ['profile', *sections], 'section')}" for k in unknown))
-    built = {}
-    errors = []
-    profile = raw.get("profile", Params.profile)
+        raise invalid(source, oversized)
+    strangers = [key for key in raw if key not in Params.model_fields]
+    if strangers:
+        raise invalid(source, [unknown(key, list(Params.model_fields), "section") for key in strangers])
+    problems = []
+    profile = raw.get("profile", base.profile if base else Params.model_fields["profile"].default)
     if not isinstance(profile, str) or not PROFILE_PATTERN.fullmatch(profile):
-        errors.append(f"  profile = {profile!r}: expected a profile name (lower-case letters, digits, "
-                      "hyphens), e.g. quick")
-    else:
-        built["profile"] = profile
-    for name, section_field in sections.items():
-        cls = typing.get_type_hints(Params)[name]
-        if raw.get(name) is None:  # the defaults, valid by construction (tests/test_config.py checks)
-            built[name] = cls()
-            continue
-        try:
-            built[name] = _build_section(cls, name, raw.get(name), source)
-        except ConfigError as error:
-            errors.append(str(error).split(":\n", 1)[-1])
-    if errors:
-        raise ConfigError(f"{source}: invalid parameters:\n" + "\n".join(errors))
-    return Params(**built)
+        problems.append(f"profile = {shown(profile)}: expected a profile name (lower-case letters, digits, "
+                        "hyphens), e.g. quick")
+    built, found = _sections(raw, dict(base) if base else {})
+    if problems or found:
+        raise invalid(source, problems + found)
+    return Params(profile=profile, **built)
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    """Build and validate :class:`Params` from a nested mapping (a missing or null section: its defaults).
+
+    Raises:
+        ConfigError: naming ``source`` and every bad section, key or value at once (an integer of
+            more than 64 bits, anywhere, is reported alone, before the rest is checked).
+    """
+    return _params(raw, source)
+
+
+def overlay(base: Params, overrides: Mapping[str, Any], source: str = "params") -> Params:
+    """``base`` with ``overrides`` on top, validated: ``{section: {key: value}}`` replaces those
+    keys of those sections (a value that is itself a mapping, such as ``sweep.settings``, is
+    replaced whole), ``{"profile": name}`` the profile. Serves the named profiles (on the
+    defaults) and the sweep's members (:func:`member_params`).
+
+    Raises:
+        ConfigError: naming ``source``: an override that is not a section mapping keys to values,
+            or any bad key or value of the result.
+    """
+    current = base.to_dict()
+    raw: dict[str, Any] = {}
+    for section, values in overrides.items():
+        if section == "profile":
+            raw["profile"] = values
+        elif section not in _SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{source}: params.{key_text(section)}: expected a section ({', '.join(SECTIONS)}) "
+                              "mapping keys to values")
+        else:
+            raw[section] = {**current[section], **values}
+    return _params(raw, source, base)
+
+
+# --------------------------------------------------------------------------- the sweep's members
+
+
+@dataclass(frozen=True, order=True)
+class Member:
+    """One run of the sweep: a dataset, a latent size N_z, an algorithm and a seed."""
+
+    dataset: str
+    latent_dim: int
+    algorithm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Folder and MLflow run name, e.g. ``mnist-z3-aevb-s0``."""
+        return f"{self.dataset}-z{self.latent_dim}-{self.algorithm}-s{self.seed}"
+
+    @property
+    def stage(self) -> str:
+        """The DVC stage ``dvc.yaml``'s matrix makes for it, e.g. ``sweep-mnist@3-aevb-0``."""
+        return f"sweep-{self.dataset}@{self.latent_dim}-{self.algorithm}-{self.seed}"
+
+
+def members(sweep: SweepConfig) -> list[Member]:
+    """Every member the sweep declares, in ``dvc.yaml``'s order (dataset, latent size, algorithm, seed)."""
+    return [Member(dataset, latent_dim, algorithm, seed)
+            for dataset in DATASETS for latent_dim in sweep.latent_dims.get(dataset, [])
+            for algorithm in sweep.algorithms for seed in sweep.seeds]
+
+
+def find_member(sweep: SweepConfig, dataset: str, latent_dim: int, algorithm: str, seed: int) -> Member:
+    """The declared member with these values.
+
+    Raises:
+        ConfigError: the sweep declares no such member (lists what it declares).
+    """
+    member = Member(dataset, latent_dim, algorithm, seed)
+    if member not in members(sweep):
+        raise ConfigError(f"sweep member {member.name}: not declared by params.yaml's sweep section "
+                          f"(latent_dims {sweep.latent_dims}, algorithms {sweep.algorithms}, seeds {sweep.seeds})")
+    return member
+
+
+def sweep_paths(paths: PathsConfig, member: Member | None = None) -> PathsConfig:
+    """The folders of the sweep's data and, given a member, of its model and reports."""
+    name = member.name if member else "_"
+    return PathsConfig(raw=f"{paths.raw}/sweep", processed=f"{paths.processed}/sweep",
+                       models=f"{paths.models}/sweep/{name}", reports=f"{paths.reports}/sweep/members/{name}")
+
+
+def _member_overrides(settings: Mapping[str, Any], member: Member | None, dataset: str = "") -> dict[str, dict]:
+    """The sections data, model, train, evaluate a member (or, without one, the sweep's data stage
+    for ``dataset``) sets: ``settings`` with the member's dataset, latent size, algorithm and seed."""
+    fixed = ({"data": {"dataset": member.dataset}, "model": {"latent_dim": member.latent_dim},
+              "train": {"algorithm": member.algorithm, "seed": member.seed}} if member else
+             {"data": {"dataset": dataset}})
+    return {section: {**settings.get(section, {}), **fixed.get(section, {})} for section in SWEEP_SECTIONS}
+
+
+def _sweep_params(sweep: SweepConfig, dataset: str, overrides: dict, paths: PathsConfig) -> Params:
+    return overlay(Params(), {**overrides, "paths": paths.to_dict(), "profile": f"sweep-{sweep.size}"},
+                   source=f"params.yaml sweep.settings.{dataset}")
+
+
+def member_params(sweep: SweepConfig, member: Member, paths: PathsConfig | None = None) -> Params:
+    """The member's full parameters: this module's defaults, ``sweep.settings[dataset]`` on top,
+    then the member's dataset, latent size, algorithm and seed; paths from :func:`sweep_paths`.
+
+    Raises:
+        ConfigError: the settings give an invalid member (names the key and value).
+    """
+    return _sweep_params(sweep, member.dataset, _member_overrides(sweep.settings[member.dataset], member),
+                         sweep_paths(paths or PathsConfig(), member))
+
+
+def data_params(sweep: SweepConfig, dataset: str, paths: PathsConfig | None = None) -> Params:
+    """Parameters of the ``sweep-data@<dataset>`` stage (only ``data`` and ``paths`` matter)."""
+    return _sweep_params(sweep, dataset, _member_overrides(sweep.settings[dataset], None, dataset),
+                         sweep_paths(paths or PathsConfig()))
+
+
+def sweep_id(sweep: SweepConfig) -> str:
+    """A 12-hex-digit digest of the ``sweep`` section: the MLflow sweep run's identity."""
+    text = json.dumps(sweep.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- reading the file
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -3,7 +3,7 @@
 An entry (:class:`Dataset`) holds everything the pipeline knows about a dataset: its display name,
 its image shape, whether it has labels, its standard split, and one :class:`Variant` per
 binarization it allows (``data.binarization``): the upstream files with their checksums and
-mirrors (:class:`~vae.data.sources.DatasetSource`), the parser that turns them into processed
+mirrors (:class:`DatasetSource`; the mirror logic is :mod:`vae.data.sources`), the parser that turns them into processed
 splits, the decoder likelihood the data calls for, and the published test log-likelihoods a run
 on it may be compared with (:class:`Reference`).
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vae.data.sources import DatasetSource, RemoteFile
 from vae.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the parsers import the configuration, not the other way
@@ -33,6 +32,32 @@ if TYPE_CHECKING:  # annotations only: the parsers import the configuration, not
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One upstream file: its name at the source and the SHA-256 of its uncompressed content."""
+
+    name: str
+    sha256: str
+
+    @property
+    def compressed(self) -> bool:
+        return self.name.endswith(".gz")
+
+    @property
+    def local_name(self) -> str:
+        """The name it is stored under: the upstream name without ``.gz`` (stored uncompressed)."""
+        return self.name[: -len(".gz")] if self.compressed else self.name
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset's files and the base URLs that serve them, tried in order."""
+
+    name: str
+    base_urls: tuple[str, ...]
+    files: tuple[RemoteFile, ...]
 
 
 @dataclass(frozen=True)
@@ -62,8 +87,12 @@ class Variant:
 
     ``parser`` is ``"module:function"``; the function takes (raw folder, processed folder,
     :class:`~vae.config.DataConfig`) and returns the number of examples per split.
+    ``labelled``: the files carry class labels (used only to colour figures).
     ``fixed_split``: the files fix all three splits (``data.validation_size`` and
-    ``data.test_size`` must stay null). ``references``: published numbers on exactly this data.
+    ``data.test_size`` must stay null). ``file_counts``: the number of examples the upstream files
+    hold per split, which the parser checks (MNIST's IDX files: 60000 training and 10000 test
+    images; the static binarization's files: 50000 / 10000 / 10000); empty where the parser takes
+    whatever number the file holds (Frey Face). ``references``: published numbers on exactly this data.
     """
 
     binarization: str
@@ -72,10 +101,12 @@ class Variant:
     likelihood: str
     description: str
     fixed_split: bool = False
+    labelled: bool = False
+    file_counts: dict[str, int] = field(default_factory=dict, hash=False)
     references: tuple[Reference, ...] = ()
 
     def load_parser(self) -> Parser:
-        """The parser function, imported now (the MNIST reader pulls in torchvision, the others do not)."""
+        """The parser function, imported now (reading the registry imports no parser, nor torch)."""
         return pkgutil.resolve_name(self.parser)
 
 
@@ -93,7 +124,6 @@ class Dataset:
     name: str
     title: str
     image_shape: tuple[int, int]
-    labelled: bool
     validation_size: int
     test_size: int
     fixed_test: bool
@@ -133,7 +163,7 @@ IWAE_SETUP_2L = ("2 stochastic layers (100 and 50 units) with tanh layers 200-20
                  "Adam, batch 20, 3280 passes")
 
 MNIST = Dataset(
-    name="mnist", title="MNIST", image_shape=(28, 28), labelled=True,
+    name="mnist", title="MNIST", image_shape=(28, 28),
     validation_size=10000, test_size=10000, fixed_test=True,
     split="10000 validation images from the 60000 training ones, the 10000 test images",
     variants={
@@ -153,7 +183,8 @@ MNIST = Dataset(
                     RemoteFile("t10k-labels-idx1-ubyte.gz",
                                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
                 )),
-            parser="vae.data.mnist:prepare_mnist", likelihood="bernoulli",
+            parser="vae.data.mnist:prepare_mnist", likelihood="bernoulli", labelled=True,
+            file_counts={"train": 60000, "test": 10000},
             description="grey IDX images; training images resampled ~ Bernoulli(intensity) per minibatch, "
                         "validation and test images binarized once",
             references=(
@@ -180,6 +211,7 @@ MNIST = Dataset(
                                "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c"),
                 )),
             parser="vae.data.binarized_mnist:prepare_static_mnist", likelihood="bernoulli", fixed_split=True,
+            file_counts={"train": 50000, "valid": 10000, "test": 10000},
             description="Larochelle & Murray's fixed binary images, their own 50000 / 10000 / 10000 split",
             references=(
                 Reference(IWAE, "Table 3 (App. D)", "VAE, 1 stochastic layer (k=1)", "static", IWAE_SETUP, 5000,
@@ -194,7 +226,7 @@ MNIST = Dataset(
     })
 
 FREY = Dataset(
-    name="frey", title="Frey Face", image_shape=(28, 20), labelled=False,
+    name="frey", title="Frey Face", image_shape=(28, 20),
     validation_size=200, test_size=200, fixed_test=False,
     split="200 validation and 200 test faces of the 1965, by a permutation seeded with data.split_seed",
     variants={
@@ -231,9 +263,16 @@ def variant(name: str, binarization: str) -> Variant:
     """The variant of dataset ``name`` with ``binarization``.
 
     Raises:
-        ConfigError: an unknown dataset, or a binarization it does not have.
+        ConfigError: an unknown dataset, or a binarization it does not have; the message names
+            both values and lists the allowed pairs (``mnist + dynamic, mnist + static, frey + none``).
     """
-    return get(name).variant(binarization)
+    entry = DATASETS.get(name)
+    found = entry.variants.get(binarization) if entry else None
+    if found is None:
+        allowed = ", ".join(f"{d.name} + {b}" for d in DATASETS.values() for b in d.binarizations)
+        raise ConfigError(f"data.dataset = {name!r} with data.binarization = {binarization!r}: "
+                          f"no such data; expected one of {allowed}")
+    return found
 
 
 def sources() -> dict[str, DatasetSource]:

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from vae import objectives
+from vae.datasets import LIKELIHOODS  # the decoder likelihoods the datasets call for
 from vae.errors import CheckpointError, shown
 from vae.io import atomic_open
 
 CHECKPOINT_FORMAT = "vae-pipeline/checkpoint"
 CHECKPOINT_VERSION = 1
 FLOAT_BYTES = 4
-LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 def _tanh_mlp(first: int, hidden_dim: int, layers: int) -> list[nn.Module]:

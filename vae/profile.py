@@ -2,10 +2,10 @@
 
 A profile is a YAML file in ``vae/profiles/`` with a ``description`` and ``params``: the values
 that differ from the defaults of :mod:`vae.config` (the ``quick`` profile, what ``params.yaml``
-holds as committed). ``vae profile NAME`` rewrites ``params.yaml`` as defaults + the profile's
-values, keeping the file's comments, so that ``dvc repro`` (or ``dvc exp run``) runs that set-up and
-``dvc params diff`` shows what it changed; ``-S key=value`` overrides still apply on top
-(``dvc exp run -S train.training_samples=3000000``).
+holds as committed), put on top of them by :func:`vae.config.overlay`. ``vae profile NAME``
+rewrites ``params.yaml`` as defaults + the profile's values, keeping the file's comments, so that
+``dvc repro`` (or ``dvc exp run``) runs that set-up and ``dvc params diff`` shows what it changed;
+``-S key=value`` overrides still apply on top (``dvc exp run -S train.training_samples=3000000``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vae.config import Params, params_from_dict, parse_yaml, read_params_text
+from vae.config import SECTIONS, Params, overlay, params_from_dict, parse_yaml, read_params_text
 from vae.errors import ConfigError
 from vae.io import write_text
 
@@ -38,14 +38,11 @@ class Profile:
         Raises:
             ConfigError: the profile sets an unknown key or a bad value (names the file).
         """
-        merged = Params().to_dict()
-        for section, values in self.overrides.items():
-            if not isinstance(values, dict) or section not in merged or section == "profile":
-                raise ConfigError(f"{PROFILE_DIR / self.name}.yaml: params.{section}: expected a section "
-                                  f"({', '.join(k for k in merged if k != 'profile')}) mapping keys to values")
-            merged[section].update(values)
-        merged["profile"] = self.name
-        return params_from_dict(merged, source=f"{PROFILE_DIR / self.name}.yaml")
+        source = f"{PROFILE_DIR / self.name}.yaml"
+        if "profile" in self.overrides:  # the file's name is the profile's
+            raise ConfigError(f"{source}: params.profile: expected a section ({', '.join(SECTIONS)}) mapping keys "
+                              "to values")
+        return overlay(Params(), {**self.overrides, "profile": self.name}, source=source)
 
 
 def available() -> list[str]:

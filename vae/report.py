@@ -1,8 +1,13 @@
 """The ``report`` stage: ``reports/report.html`` (one self-contained file, images embedded) and
 ``reports/report.md``, laid out as a results section: set-up, results beside published numbers
 of the same binarization, figures, the latent-size sweep (:mod:`vae.sweep`) when it has run,
-provenance. Every value is escaped (HTML by Jinja2's autoescape, Markdown by
-:func:`markdown_escape`), so a parameter holding markup shows as text.
+provenance.
+
+This module gathers the data (numbers, names, flags, lists: :func:`build_context`); the sentences
+are the templates' (``vae/templates``): ``sentences.j2`` writes each sentence once,
+``report_text.j2`` composes them, and ``report.html.j2`` and ``report.md.j2`` lay them out. Every
+value is escaped (HTML by Jinja2's autoescape, Markdown by :func:`markdown_escape`), so a parameter
+holding markup shows as text.
 """
 
 from __future__ import annotations
@@ -20,44 +25,17 @@ import jinja2
 import pandas as pd
 import yaml
 
-from vae import sweep as sweep_stage
-from vae import tracking
-from vae.config import DATASETS, Params
+from vae import datasets, provenance, tracking
+from vae.config import Params, data_params
 from vae.errors import VaeError
 from vae.io import read_json, write_text
-from vae.references import comparable
 
-# (file name, title, caption) in the order of a results section; captions that depend on the
-# run are completed by _figures(). A figure whose file is missing (e.g. the manifold when
-# latent_dim != 2) is left out.
-FIGURES = (
-    ("lower_bound_runs", "Lower bound during training (cf. AEVB Figure 2)",
-     "Train ELBO (solid) and test ELBO (dashed) per evaluated pass against the number of training "
-     "examples evaluated (log axis from 10^5, as in the paper, or from just before the first evaluated "
-     "pass when that comes earlier), in nats per example. One panel per dataset and binarization, one "
-     "colour per run: the latest run whose training finished for each latent size N_z in the MLflow "
-     "tracking store (listed under Provenance)."),
-    ("elbo_curves", "This run's training curves",
-     "Train, validation and test ELBO of this run per evaluated pass (log axis); grey: the minibatch "
-     "bound, each point a mean over train.log_interval consecutive minibatches."),
-    ("bound_curve", "Bound tightness",
-     "L_k against the number of importance samples k (error bars: standard error over images), "
-     "test and training images; L_1 is the ELBO in expectation and L_k rises towards log p(x)."),
-    ("log_likelihood_histogram", "Per-image log-likelihood",
-     "Histogram of L_k over test images and the evaluated training images; vertical lines: means."),
-    ("manifold", "Learned 2-D manifold (cf. AEVB Figure 4)",
-     "Decoder means over a regular grid of the unit square mapped through the inverse Gaussian CDF "
-     "to z (z_1 rising left to right, z_2 rising bottom to top)."),
-    ("prior_samples_by_latent_dim", "Samples from the prior (cf. AEVB Figure 5)",
-     "Decoder means for random z ~ N(0, I), one grid per latent size N_z, each from the latest run "
-     "with that latent size on this dataset and binarization."),
-    ("samples", "Samples from the prior",
-     "Decoder means for z ~ N(0, I) of this run's model."),
-    ("reconstructions", "Reconstructions",
-     "Top: binarized test images. Bottom: their decoder means at z = E_q[z|x]."),
-    ("latent_space", "Latent space",
-     "Posterior means E_q[z|x] of test images coloured by digit label."),
-)
+# The figures of the visualize stage in the order of a results section (titles and captions:
+# sentences.j2). A figure whose file is missing (e.g. the manifold when latent_dim != 2) is left out.
+FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
+           "prior_samples_by_latent_dim", "samples", "reconstructions", "latent_space")
+# The figures whose runs figure_runs.json lists (Figures 2 and 5), as the provenance table orders them.
+RUN_FIGURES = ("lower_bound_runs", "prior_samples_by_latent_dim")
 # samples.png shows the same draws as this run's panel of Figure 5: shown only without Figure 5.
 SHOWN_ONLY_WITHOUT = {"samples": "prior_samples_by_latent_dim"}
 
@@ -100,11 +78,14 @@ def markdown_escape(value: Any) -> str:
     return re.sub(r"([|`*_\[\]])", r"\\\1", text).replace("\n", " ")
 
 
-def stage_digests(lock_path: Path = Path("dvc.lock")) -> list[tuple[str, str]]:
-    """Each stage of ``dvc.lock``: a digest of its recorded state (deps, params, outs) and the
-    hash of its first output, so a reader can tell exactly which state produced the report."""
+def stage_digests(lock_path: Path = Path("dvc.lock")) -> list[dict] | None:
+    """Each stage of ``dvc.lock`` but ``report``: ``{"name", "lock", "path", "md5"}``, where
+    ``lock`` is a 12-hex-digit digest of its recorded state (deps, params, outs) and ``path`` and
+    ``md5`` are those of its main output (its ``metrics.json`` if it has one, else its first; None
+    where the lock file records none), so a reader can tell exactly which state produced the
+    report. None when there is no lock file (stages run outside ``dvc repro``)."""
     if not lock_path.is_file():
-        return [("dvc.lock", "not found (stages run outside `dvc repro`)")]
+        return None
     stages = (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages", {})
     rows = []
     for name, entry in stages.items():
@@ -113,58 +94,46 @@ def stage_digests(lock_path: Path = Path("dvc.lock")) -> list[tuple[str, str]]:
         digest = hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:12]
         outs = entry.get("outs") or [{}]
         main = next((out for out in outs if str(out.get("path", "")).endswith("metrics.json")), outs[0])
-        rows.append((f"stage {name}", f"lock {digest}; {main.get('path', '-')} md5 {main.get('md5', '-')}"))
+        rows.append({"name": name, "lock": digest, "path": main.get("path"), "md5": main.get("md5")})
     return rows
 
 
 def _environment() -> jinja2.Environment:
     loader = jinja2.PackageLoader("vae", "templates")
+    # Only the page templates escape HTML: sentences.j2 and report_text.j2 give plain text.
     env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html.j2"]),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["md"] = markdown_escape
+    env.filters["thousands"] = lambda value: f"{int(value):,}"
     return env
 
 
-def _architecture(m: dict, summary: dict) -> str:
-    dims = [summary.get("input_dim", 784), *[m["hidden_dim"]] * (m.get("hidden_layers") or 1), m["latent_dim"]]
-    return "-".join(str(d) for d in dims)
+def _training_data(summary: dict, params: Params) -> dict:
+    """How the model was trained, from ``train_summary.json`` (``params`` where it records nothing):
+    algorithm, objective, samples per example, MAP prior, optimizer, step size (and the trials it was
+    chosen from: ``[(step size as written, train ELBO in nats)]``), epsilon, schedule, minibatch,
+    initial weights' standard deviation, passes, examples evaluated, early stopping, resumptions."""
+    train = params.train
+    return {
+        "algorithm": summary.get("algorithm", "aevb"), "objective": summary.get("objective", "elbo"),
+        "samples": summary.get("samples", 1), "map_prior": bool(summary.get("map_prior")),
+        "optimizer": summary.get("optimizer", train.optimizer),
+        "learning_rate": summary.get("learning_rate", train.learning_rate),
+        "step_size_trials": list((summary.get("step_size_trials") or {}).items()),
+        "step_size_selection_samples": train.step_size_selection_samples,
+        "epsilon": train.epsilon, "schedule": train.schedule,
+        "batch_size": summary.get("batch_size", train.batch_size), "init_std": params.model.init_std,
+        "epochs": summary.get("epochs", train.epochs), "examples_seen": summary.get("examples_seen", 0),
+        "stopped_early": bool(summary.get("stopped_early")), "best_pass": summary.get("best_pass"),
+        "resumed_from_passes": list(summary.get("resumed_from_passes") or []),
+    }
 
 
 def _training(summary: dict, params: Params) -> tuple[str, str, str]:
-    """(objective, optimizer, training length) as the set-up table states them."""
-    train = params.train
-    if summary.get("algorithm", "aevb") == "wake-sleep":
-        samples = summary.get("samples", 1)
-        objective = ("wake-sleep (Hinton et al. 1995, AEVB Sec. 5's baseline): wake phase fits the decoder to "
-                     f"log p(x, z), z ~ q(z|x) ({samples} sample{'s' if samples != 1 else ''} per example); "
-                     "sleep phase fits the encoder to log q(z|x), (z, x) ~ p(z) p(x|z); curves show the ELBO")
-    elif summary.get("objective", "elbo") == "iwae":
-        objective = (f"importance-weighted bound L_k, k = {summary['samples']} (IWAE, Burda et al. 2016 Eq. 8)")
-    else:
-        samples = summary.get("samples", 1)
-        objective = f"SGVB ELBO, estimator B (analytic KL), L = {samples} sample{'s' if samples != 1 else ''} of z"
-    if summary.get("map_prior"):
-        objective += "; N(0, I) prior on the parameters (weight decay 1/N, approximate MAP)"
-    rate = summary.get("learning_rate", train.learning_rate)
-    optimizer = f"{summary.get('optimizer', train.optimizer)}, step size {rate:g}"
-    trials = summary.get("step_size_trials") or {}
-    if trials:
-        optimizer += (" chosen from " + ", ".join(f"{k} (train ELBO {v:.2f})" for k, v in trials.items())
-                      + f" after {train.step_size_selection_samples:,} examples each")
-    if train.epsilon is not None:
-        optimizer += f", eps {train.epsilon:g}"
-    if train.schedule == "iwae":
-        optimizer += ", divided by 10^(i/7) after 3^0 + ... + 3^(i-1) passes (IWAE schedule)"
-    optimizer += f", minibatch {summary.get('batch_size', train.batch_size)}"
-    if params.model.init_std is not None:
-        optimizer += f"; parameters initialised ~ N(0, {params.model.init_std:g}^2)"
-    length = (f"{summary.get('epochs', params.train.epochs)} passes = {summary.get('examples_seen', 0):,} "
-              "training examples evaluated")
-    if summary.get("stopped_early"):
-        length += f" (early stopping; parameters of pass {summary['best_pass']})"
-    if summary.get("resumed_from_passes"):
-        length += f" (resumed from a checkpoint after pass {', '.join(map(str, summary['resumed_from_passes']))})"
-    return objective, optimizer, length
+    """(objective, optimizer, training length) as the set-up table states them (sentences.j2)."""
+    say = _environment().get_template("sentences.j2").module
+    data = _training_data(summary, params)
+    return str(say.objective(data)), str(say.optimizer(data)), str(say.length(data))
 
 
 def _figure_runs(figures_dir: Path) -> dict[str, list[dict]]:
@@ -186,9 +155,9 @@ def _figure_runs(figures_dir: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def _embedded(path: Path, title: str, caption: str, relative: str, stage: str) -> dict:
-    """A figure as the templates show it: title, caption, path relative to the reports folder,
-    the PNG base64-encoded and its display width.
+def _embedded(path: Path, relative: str, stage: str) -> dict:
+    """A figure as the templates show it: its path relative to the reports folder, the PNG
+    base64-encoded and its display width in CSS pixels (None: the PNG states no resolution).
 
     Raises:
         VaeError: the file is not a PNG (names it and the ``stage`` command that writes it).
@@ -198,48 +167,27 @@ def _embedded(path: Path, title: str, caption: str, relative: str, stage: str) -
         width = display_width(data)
     except ValueError:
         raise VaeError(f"{path}: not a PNG file; re-run `{stage}`") from None
-    return {"title": title, "caption": caption, "path": relative, "data": base64.b64encode(data).decode("ascii"),
-            "width": width}
+    return {"path": relative, "data": base64.b64encode(data).decode("ascii"), "width": width}
 
 
-def _run_label(run: dict) -> str:
-    return f"N_z = {run.get('latent_dim')}" + (" (this run)" if run.get("current") else "")
+RUN_KEYS = ("run_id", "name", "latent_dim", "dataset", "binarization", "profile", "held_out", "current")
 
 
-def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], list[tuple]]:
-    """The figures present in ``figures_dir``, base64-encoded, with captions completed for this run;
-    and the rows (figure, N_z, dataset, binarization, profile, held-out curve, MLflow run) of the
-    runs that Figures 2 and 5 show."""
-    runs = _figure_runs(figures_dir)
-    unlabelled = m["dataset"] == "frey" or m["binarization"] == "static"
+def _figures(figures_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The figures present in ``figures_dir`` in :data:`FIGURES`' order, each ``{"name", "path",
+    "data", "width", "runs"}`` (``runs``: the runs it shows, for Figures 2 and 5); and the runs of
+    Figures 2 and 5 by figure name, each with the keys :data:`RUN_KEYS` (None where
+    ``figure_runs.json`` has none)."""
+    listed = _figure_runs(figures_dir)
+    runs = {name: [{key: run.get(key) for key in RUN_KEYS} for run in listed.get(name, [])] for name in RUN_FIGURES}
     figures = []
-    for name, title, caption in FIGURES:
+    for name in FIGURES:
         path = figures_dir / f"{name}.png"
         if not path.is_file() or (figures_dir / f"{SHOWN_ONLY_WITHOUT.get(name, '-')}.png").is_file():
             continue
-        if unlabelled:
-            caption = caption.replace("binarized test images", "test images").replace(
-                " coloured by digit label", " (this data set has no labels)")
-        if name == "latent_space" and m["latent_dim"] > 2:
-            caption += (f" With latent_dim = {m['latent_dim']}, a 2-D {params.visualize.projection.upper()} "
-                        "projection of them (scikit-learn; the title gives the method).")
-        if name == "lower_bound_runs":
-            shown = runs.get(name, [])
-            caption += f" Runs shown: {len(shown)}."
-            if any(run.get("held_out") == "validation" for run in shown):
-                caption += (" Dotted: validation ELBO, for runs trained before the per-pass test ELBO was "
-                            "recorded (labelled validation, not test).")
-        if name == "prior_samples_by_latent_dim" and runs.get(name):
-            caption += " Shown: " + ", ".join(_run_label(run) for run in runs[name]) + "."
-        figures.append(_embedded(path, title, caption, f"figures/{name}.png", "vae visualize"))
-    rows = []
-    titles = {"lower_bound_runs": "Fig. 2", "prior_samples_by_latent_dim": "Fig. 5"}
-    for name, label in titles.items():
-        for run in runs.get(name, []):
-            rows.append((label, run.get("latent_dim"), run.get("dataset"), run.get("binarization"), run.get("profile"),
-                         run.get("held_out"), (run.get("run_id") or "not tracked")
-                         + (" (this run)" if run.get("current") else f" ({run.get('name')})")))
-    return figures, rows
+        figures.append({"name": name, **_embedded(path, f"figures/{name}.png", "vae visualize"),
+                        "runs": runs.get(name, [])})
+    return figures, runs
 
 
 # Columns of sweep_results.csv (vae.sweep.RESULT_COLUMNS) the sweep section shows; the others (times, host,
@@ -247,12 +195,11 @@ def _figures(figures_dir: Path, m: dict, params: Params) -> tuple[list[dict], li
 SWEEP_TEXT_COLUMNS = ("member", "dataset", "algorithm")
 SWEEP_NUMBER_COLUMNS = ("latent_dim", "seed", "examples_seen", "train_elbo", "test_elbo", "importance_samples",
                         "test_log_likelihood", "test_log_likelihood_stderr", "active_units", "train_seconds")
-SWEEP_FIGURE_TITLE = "Latent-size sweep (cf. AEVB Figure 2)"
 
 
 def read_sweep_results(path: Path) -> pd.DataFrame:
     """``sweep_results.csv`` of the sweep-report stage, one row per member, sorted by dataset (in
-    ``vae.config.DATASETS``' order, as the figure's panels), latent size, algorithm and seed; text
+    the registry's order (:data:`vae.datasets.NAMES`), as the figure's panels), latent size, algorithm and seed; text
     columns as strings, the numeric ones as numbers (an empty cell is NaN).
 
     Raises:
@@ -278,61 +225,36 @@ def read_sweep_results(path: Path) -> pd.DataFrame:
         if not bad.empty:
             raise VaeError(f"{path}: column {column}: {bad.iloc[0]!r} is not a number; {redo}")
         frame[column] = numbers
-    order = {dataset: index for index, dataset in enumerate(DATASETS)}
+    order = {dataset: index for index, dataset in enumerate(datasets.NAMES)}
     frame["_dataset_order"] = frame["dataset"].map(lambda dataset: order.get(dataset, len(order)))
     frame = frame.sort_values(["_dataset_order", "dataset", "latent_dim", "algorithm", "seed"], kind="stable")
     return frame.drop(columns="_dataset_order").reset_index(drop=True)
 
 
-def _number(value: float) -> str:
-    return "-" if pd.isna(value) else f"{value:.2f}"
-
-
-def _count(value: float) -> str:
-    return "-" if pd.isna(value) else f"{int(value):,}"
+def _plain(value: Any) -> Any:
+    """A table value as a plain Python one: NaN as None, numpy numbers as int or float."""
+    if pd.isna(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
 
 
 def _values(column: pd.Series) -> list:
-    return sorted({value for value in column if not pd.isna(value)})
+    return sorted({_plain(value) for value in column if not pd.isna(value)})
 
 
-def _sweep_rows(table: pd.DataFrame) -> list[tuple[str, ...]]:
-    """The table's rows as the report shows them: (member, dataset, N_z, algorithm, seed, examples
-    evaluated, train ELBO, test ELBO, test L_k ± s.e., active units, train seconds)."""
-    rows = []
-    for row in table.itertuples(index=False):
-        likelihood = _number(row.test_log_likelihood)
-        if not pd.isna(row.test_log_likelihood) and not pd.isna(row.test_log_likelihood_stderr):
-            likelihood += f" ± {row.test_log_likelihood_stderr:.2f}"
-        rows.append((row.member, row.dataset, _count(row.latent_dim), row.algorithm, _count(row.seed),
-                     _count(row.examples_seen), _number(row.train_elbo), _number(row.test_elbo), likelihood,
-                     f"{_count(row.active_units)} of {_count(row.latent_dim)}", _number(row.train_seconds)))
-    return rows
-
-
-def _sweep_note(params: Params, table: pd.DataFrame) -> str:
-    """One sentence under the table: what training the numbers had, and whether they are the paper's."""
-    seen = [int(value) for value in _values(table["examples_seen"])]
-    length = (f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}" if seen
-              else "an unrecorded number of")
-    size = params.sweep.size
-    if size == "full":
-        return (f"Full sweep (params.sweep.size = full): the paper's set-up (Kingma & Welling 2014, Section 5), "
-                f"{length} training examples evaluated per member.")
+def _sweep_subsets(params: Params, table: pd.DataFrame) -> list[dict]:
+    """``{"dataset", "train_subset", "eval_subset"}`` of each dataset in ``table`` whose sweep
+    members train or evaluate on a subset of the data (``data.train_subset``, ``data.eval_subset``;
+    None: the whole split), in the table's order."""
     subsets = []
     for dataset in dict.fromkeys(table["dataset"]):
-        if dataset not in DATASETS or dataset not in params.sweep.settings:
+        if dataset not in datasets.NAMES or dataset not in params.sweep.settings:
             continue
-        data = sweep_stage.data_params(params.sweep, dataset).data
-        caps = [f"{data.train_subset:,} training" if data.train_subset else "",
-                f"{data.eval_subset:,} validation and test" if data.eval_subset else ""]
-        if any(caps):
-            subsets.append(f"{dataset} {' and '.join(filter(None, caps))} images")
-    return (f"{size.capitalize()} sweep (params.sweep.size = {size}): short training ({length} training examples "
-            "evaluated per member"
-            + (f") on subsets of the data ({'; '.join(subsets)})" if subsets else ")")
-            + ", so these are not the paper's numbers (its Figure 2 runs to 10^8 examples): they show the trends "
-              "across N_z and algorithms only.")
+        data = data_params(params.sweep, dataset).data
+        if data.train_subset or data.eval_subset:
+            subsets.append({"dataset": dataset, "train_subset": data.train_subset or None,
+                            "eval_subset": data.eval_subset or None})
+    return subsets
 
 
 def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
@@ -341,9 +263,12 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
     when either is missing (``vae report`` run outside ``dvc repro`` before the sweep: the report
     then says in one line how to run it).
 
-    The section holds the figure (base64 PNG, display width, title, caption, path relative to
-    ``paths.reports``), the table's header of L_k, its rows (sorted as :func:`read_sweep_results`,
-    values formatted as text) and the note on training length.
+    The section holds ``figure`` (path relative to ``paths.reports``, base64 PNG, display width),
+    ``size`` (``sweep.size``), ``members`` and ``seeds`` (how many), ``importance_samples`` and
+    ``examples_seen`` (the distinct values, ascending), ``subsets`` (:func:`_sweep_subsets`, for a
+    sweep that is not ``full``) and ``rows``: one dict per member, sorted as
+    :func:`read_sweep_results`, with the columns the report shows (missing values None; ELBOs and
+    L_k in nats per example, times in seconds).
 
     Raises:
         VaeError: the CSV is not as ``vae sweep-report`` writes it (see :func:`read_sweep_results`)
@@ -355,103 +280,70 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
     if missing:
         return None, missing
     table = read_sweep_results(table_path)
-    ks = [f"{int(k)}" for k in _values(table["importance_samples"])]
-    seeds = len(_values(table["seed"]))
-    caption = ("Lower bound (ELBO, nats per example) against the number of training examples evaluated (log axis), "
-               "one panel per dataset, one colour per latent size N_z: AEVB solid, wake-sleep dashed; train ELBO "
-               "bold, test ELBO pale" + (f"; each curve the mean of {seeds} seeds" if seeds > 1 else "") + ". "
-               f"The {params.sweep.size} sweep (params.sweep.size) with {len(table)} member"
-               f"{'s' if len(table) != 1 else ''}; the table gives each member's final values and the test "
-               f"log-likelihood L_k with k = {', '.join(ks) or '-'} importance samples.")
-    figure = _embedded(figure_path, SWEEP_FIGURE_TITLE, caption, "sweep/lower_bound_sweep.png", "vae sweep-report")
-    likelihood = f"test L_{ks[0]} ± s.e." if len(ks) == 1 else "test L_k ± s.e."
-    return {"figure": figure, "likelihood_header": likelihood, "rows": _sweep_rows(table),
-            "note": _sweep_note(params, table)}, []
+    figure = _embedded(figure_path, "sweep/lower_bound_sweep.png", "vae sweep-report")
+    columns = (*SWEEP_TEXT_COLUMNS, *SWEEP_NUMBER_COLUMNS)
+    rows = [{column: _plain(value) for column, value in zip(columns, row)}
+            for row in table[list(columns)].itertuples(index=False)]
+    return {"figure": figure, "size": params.sweep.size, "members": len(table), "seeds": len(_values(table["seed"])),
+            "importance_samples": [int(k) for k in _values(table["importance_samples"])],
+            "examples_seen": [int(n) for n in _values(table["examples_seen"])],
+            "subsets": [] if params.sweep.size == "full" else _sweep_subsets(params, table),
+            "rows": rows}, []
 
 
 def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
-    """Everything the templates show, as plain values; the sweep's section from ``<paths.reports>/sweep``.
+    """Everything the templates show, as plain data (numbers, names, flags and lists of them; the
+    sentences are the templates'): ``data`` (the dataset as the registry :mod:`vae.datasets`
+    describes it, and this run's split sizes), ``model``, ``training`` (:func:`_training_data`),
+    ``run``, ``evaluation``, ``results`` (nats per example), ``references`` (the registry's
+    published numbers for this dataset and binarization), ``figures`` and ``figure_runs``
+    (:func:`_figures`), ``projection``, ``sweep`` and ``sweep_missing`` (:func:`sweep_section`),
+    ``provenance``, ``params_yaml`` and ``generated`` (UTC).
 
     Raises:
         VaeError: a figure, ``figure_runs.json`` or ``sweep_results.csv`` is damaged (names the file).
+        ConfigError: ``metrics.json`` names a dataset the registry does not know.
     """
     m = metrics
+    entry = datasets.get(m["dataset"])
+    variant = entry.variants.get(m["binarization"])
+    data = {
+        "name": entry.name, "title": entry.title, "binarization": m["binarization"],
+        "labelled": bool(variant and variant.labelled),
+        "likelihood": variant.likelihood if variant else summary.get("likelihood", "bernoulli"),
+        "fixed_test": entry.fixed_test, "train_examples": summary["train_examples"],
+        "test_examples": m["test_examples"],
+        # A test set drawn from the data (not the upstream one) depends on the split's seed.
+        "split_seed": None if entry.fixed_test else params.data.split_seed,
+    }
+    model = {"input_dim": summary.get("input_dim", entry.input_dim), "hidden_dim": m["hidden_dim"],
+             "hidden_layers": m.get("hidden_layers") or 1, "latent_dim": m["latent_dim"],
+             "likelihood": summary.get("likelihood", "bernoulli")}
     k = m["importance_samples"]
-    gaussian = summary.get("likelihood", "bernoulli") == "gaussian"
-    decoder = "Gaussian p(x|z) (sigmoid means, learned log-variance)" if gaussian else "Bernoulli p(x|z)"
-    objective, optimizer, length = _training(summary, params)
-    arch = _architecture(m, summary)
-    architecture = f"{arch} tanh encoder, mirrored {decoder.split(' p(')[0]} decoder; {optimizer}; {length}"
-    binarization = {"dynamic": "dynamic (training images resampled ~ Bernoulli(intensity) per minibatch; "
-                               "validation and test binarized once, seeded)",
-                    "static": "static (the fixed Larochelle binarization, binarized_mnist_*.amat)",
-                    "none": "none (grey values / 256, in [0, 1); real-valued data, Gaussian decoder)"}
-    setup = [
-        ("profile", summary.get("profile", params.profile)),
-        ("dataset", f"{m['dataset']} ({summary['train_examples']} train / "
-                    f"{m['test_examples']} test examples"
-                    + (f", split by a permutation seeded with {params.data.split_seed}" if m["dataset"] == "frey" else "")
-                    + ")"),
-        ("binarization", binarization.get(m["binarization"], m["binarization"])),
-        ("architecture", f"{arch} ({m.get('hidden_layers') or 1} tanh hidden layer"
-                         f"{'s' if (m.get('hidden_layers') or 1) > 1 else ''} on each side), decoder mirrored, "
-                         f"Gaussian q(z|x), {decoder}, prior N(0, I)"),
-        ("objective", objective),
-        ("optimizer", optimizer),
-        ("training length", length),
-        ("hardware", summary.get("device", "unknown")),
-        ("software", summary.get("software", "not recorded")),
-        ("training wall time", f"{m['train_seconds']:.1f} s"),
-        ("evaluation", f"L_{k} with k = {k} importance samples on {m['test_examples']} test and "
-                       f"{m['train_examples_evaluated']} training images ({m['evaluate_seconds']:.1f} s)"),
-    ]
-    results = [
-        (f"test log-likelihood L_{k}", f"{m['test_log_likelihood']:.2f} ± {m['test_log_likelihood_stderr']:.2f}"),
-        (f"train log-likelihood L_{k} ({m['train_examples_evaluated']} images)",
-         f"{m['train_log_likelihood']:.2f} ± {m['train_log_likelihood_stderr']:.2f}"),
-        ("train - test gap (overfitting)", f"{m['train_test_gap']:.2f}"),
-        *[(f"test L_{key}", f"{value:.2f}") for key, value in m["bound_curve"].items() if int(key) != k],
-        ("test ELBO", f"{m['test_elbo']:.2f}"),
-        ("train ELBO (last pass)", f"{m['train_elbo']:.2f}"),
-        ("validation ELBO (last pass)", f"{m['valid_elbo']:.2f}"),
-        ("active units (A_u > 0.01)", f"{m['active_units']} of {m['latent_dim']}"),
-    ]
-    our_model = ("wake-sleep (VAE's encoder and decoder), 1 stochastic layer"
-                 if summary.get("algorithm") == "wake-sleep"
-                 else f"IWAE (k = {summary['samples']}), 1 stochastic layer" if summary.get("objective") == "iwae"
-                 else "VAE, 1 stochastic layer")
-    if m["dataset"] == "frey":
-        no_references = ("Frey Face has no standard split and no published importance-sampled "
-                         "log-likelihood; its bound is a continuous density in nats per image (it can be "
-                         "positive) and is not comparable with MNIST's.")
-    else:
-        no_references = "No published numbers use this dataset and binarization."
-    figures, figure_runs = _figures(figures_dir, m, params)
+    results = {key: m[key] for key in ("test_log_likelihood", "test_log_likelihood_stderr", "train_log_likelihood",
+                                       "train_log_likelihood_stderr", "train_test_gap", "test_elbo", "train_elbo",
+                                       "valid_elbo", "active_units")}
+    results["bound_curve"] = [(int(key), value) for key, value in m["bound_curve"].items() if int(key) != k]
+    figures, figure_runs = _figures(figures_dir)
     sweep, sweep_missing = sweep_section(params)
-    commit = tracking.git_commit()
-    # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
-    dirty = tracking.git_dirty(ignore=("dvc.lock",))
-    provenance = [
-        ("git commit", (commit or "not a git work tree") + (" + uncommitted changes" if dirty else "")),
-        ("MLflow run", metrics.get("mlflow_run_id") or "not tracked"),
-        ("MLflow training run", summary.get("mlflow_run_id") or "not tracked"),
-        ("MLflow tracking URI", tracking.tracking_uri() if metrics.get("mlflow_run_id") else "-"),
-        *stage_digests(),
-        ("reproduce", f"git checkout {commit or '<commit>'} && uv run dvc repro"
-                      + ("  (first commit the uncommitted changes this run used)" if dirty else "")),
-    ]
+    commit = provenance.git_commit()
     return {
-        "title": (f"VAE on Frey Face (Gaussian decoder), latent_dim = {m['latent_dim']}" if m["dataset"] == "frey"
-                  else f"VAE on {m['dataset'].upper()} ({m['binarization']} binarization), "
-                       f"latent_dim = {m['latent_dim']}"),
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "setup": setup, "results": results, "binarization": m["binarization"],
-        "references": comparable(m["dataset"], m["binarization"]),
-        "our_architecture": architecture, "importance_samples": k, "our_model": our_model,
-        "no_references": no_references,
-        "our_log_likelihood": f"{m['test_log_likelihood']:.2f}",
-        "figures": figures, "provenance": provenance, "figure_runs": figure_runs,
+        "data": data, "model": model, "training": _training_data(summary, params),
+        "run": {"profile": summary.get("profile", params.profile), "device": summary.get("device"),
+                "software": summary.get("software"), "train_seconds": m["train_seconds"]},
+        "evaluation": {"importance_samples": k, "test_examples": m["test_examples"],
+                       "train_examples": m["train_examples_evaluated"], "seconds": m["evaluate_seconds"]},
+        "results": results, "references": datasets.comparable(m["dataset"], m["binarization"]),
+        "figures": figures, "figure_runs": figure_runs, "projection": params.visualize.projection,
         "sweep": sweep, "sweep_missing": sweep_missing,
+        "provenance": {
+            # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
+            "commit": commit, "dirty": provenance.git_dirty(ignore=("dvc.lock",)),
+            "run_id": metrics.get("mlflow_run_id"), "training_run_id": summary.get("mlflow_run_id"),
+            "tracking_uri": tracking.tracking_uri() if metrics.get("mlflow_run_id") else None,
+            "stages": stage_digests(),
+        },
         "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),
     }
 

@@ -1,46 +1,51 @@
-"""The data stages' entry points (``download``, ``binarize``); the others live in their modules."""
+"""The data stages' entry points (``download``, ``binarize``); the others live in their modules.
+
+Both ask the dataset registry (:mod:`vae.datasets`) for ``data.dataset`` with
+``data.binarization``: ``download`` for its source of files, ``binarize`` for its parser.
+"""
 
 from __future__ import annotations
 
+from vae import datasets
 from vae.config import Params
-from vae.data.sources import source_for
 
 
 def download(params: Params, progress: bool = True) -> dict[str, str]:
-    """Fetch the files of ``data.dataset`` with ``data.binarization`` (:func:`vae.data.sources.source_for`)
-    into ``paths.raw/<dataset>``; see :mod:`vae.data.download`.
+    """Fetch the files of ``data.dataset`` with ``data.binarization`` (the registry's
+    ``datasets.variant(dataset, binarization).source``) into ``paths.raw/<dataset>``; see
+    :mod:`vae.data.download`.
+
+    Returns:
+        ``{local file name: URL it came from or "cached"}``.
 
     Raises:
-        ConfigError: no source for the dataset and binarization.
+        ConfigError: the registry has no such dataset and binarization.
         DownloadError: a file could not be fetched and verified.
     """
     from vae.data.download import download_dataset
 
     data = params.data
-    return download_dataset(source_for(data.dataset, data.binarization), params.paths.raw_dir(data.dataset),
-                            progress=progress)
+    source = datasets.variant(data.dataset, data.binarization).source
+    return download_dataset(source, params.paths.raw_dir(data.dataset), progress=progress)
 
 
 def binarize(params: Params, progress: bool = True) -> dict[str, int]:
-    """Parse, split and binarize ``paths.raw/<dataset>`` into ``paths.processed/<dataset>``.
-
-    MNIST + ``dynamic``: :func:`vae.data.mnist.prepare_mnist`; MNIST + ``static``:
+    """Parse, split and binarize ``paths.raw/<dataset>`` into ``paths.processed/<dataset>`` with the
+    parser the registry names for ``data.dataset`` and ``data.binarization`` (MNIST + ``dynamic``:
+    :func:`vae.data.mnist.prepare_mnist`; MNIST + ``static``:
     :func:`vae.data.binarized_mnist.prepare_static_mnist`; Frey Face + ``none``:
-    :func:`vae.data.frey.prepare_frey`.
+    :func:`vae.data.frey.prepare_frey`).
+
+    Returns:
+        The number of examples in each split.
 
     Raises:
         ConfigError: an unknown dataset and binarization, or split sizes the data cannot meet.
         DataError: a raw file is missing or malformed.
     """
     data = params.data
-    source = source_for(data.dataset, data.binarization)  # rejects a pair no source has
-    # Imported on use: the MNIST IDX reader pulls in torchvision, which the others do not need.
-    if source.name == "mnist":
-        from vae.data.mnist import prepare_mnist as prepare
-    elif source.name == "binarized_mnist":
-        from vae.data.binarized_mnist import prepare_static_mnist as prepare
-    else:
-        from vae.data.frey import prepare_frey as prepare
+    variant = datasets.variant(data.dataset, data.binarization)  # rejects a pair the registry lacks
+    prepare = variant.load_parser()  # imported on use, only the one this run needs
     sizes = prepare(params.paths.raw_dir(data.dataset), params.paths.processed_dir(data.dataset), data)
     print(", ".join(f"{name}: {count} examples" for name, count in sizes.items())
           + f" ({data.binarization} binarization)", flush=True)

@@ -3,7 +3,7 @@
 ``params.yaml``'s ``sweep`` section declares it (:class:`vae.config.SweepConfig`) and ``dvc.yaml``
 expands it with ``matrix:`` into one stage per member (``sweep-mnist@3-aevb-0``): each member is a
 complete, independent run of :func:`vae.train.run` and :func:`vae.evaluate.run` on its own
-parameters (:func:`member_params`) and its own folders:
+parameters (:func:`vae.config.member_params`) and its own folders:
 
 - ``<paths.raw>/sweep/<dataset>``, ``<paths.processed>/sweep/<dataset>``: the sweep's data
   (stage ``sweep-data@<dataset>``; the main run's data stay the main run's);
@@ -17,7 +17,7 @@ Stage ``sweep-report`` (:func:`run_report`) reads the members the sweep declares
 
 MLflow: every member's training run is a child (``mlflow.parentRunId``) of one run of the
 experiment ``vae-sweep`` that stands for the sweep: the run tagged with the sweep's identity
-(:func:`sweep_id`, a digest of the ``sweep`` section), which ``sweep-report`` completes with the
+(:func:`vae.config.sweep_id`, a digest of the ``sweep`` section), which ``sweep-report`` completes with the
 figure, the table and the re-parenting of members trained under an earlier declaration. Members
 register no model version (the registry's champion is the main run's business).
 """
@@ -25,109 +25,22 @@ register no model version (the registry's champion is the main run's business).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from vae import tracking
-from vae.config import DATASETS, PathsConfig, Params, SweepConfig, params_from_dict
+from vae.config import DATASETS, Member, Params, data_params, member_params, members, sweep_id, sweep_paths
 from vae.errors import ConfigError, DataError
 from vae.io import read_json, write_csv, write_json
 
 EXPERIMENT = "vae-sweep"
 SWEEP_TAG = "vae.sweep_id"
 MEMBER_TAG = "vae.sweep_member"
-
-
-@dataclass(frozen=True, order=True)
-class Member:
-    """One run of the sweep: a dataset, a latent size N_z, an algorithm and a seed."""
-
-    dataset: str
-    latent_dim: int
-    algorithm: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """Folder and MLflow run name, e.g. ``mnist-z3-aevb-s0``."""
-        return f"{self.dataset}-z{self.latent_dim}-{self.algorithm}-s{self.seed}"
-
-    @property
-    def stage(self) -> str:
-        """The DVC stage ``dvc.yaml``'s matrix makes for it, e.g. ``sweep-mnist@3-aevb-0``."""
-        return f"sweep-{self.dataset}@{self.latent_dim}-{self.algorithm}-{self.seed}"
-
-
-def members(sweep: SweepConfig) -> list[Member]:
-    """Every member the sweep declares, in ``dvc.yaml``'s order (dataset, latent size, algorithm, seed)."""
-    return [Member(dataset, latent_dim, algorithm, seed)
-            for dataset in DATASETS for latent_dim in sweep.latent_dims.get(dataset, [])
-            for algorithm in sweep.algorithms for seed in sweep.seeds]
-
-
-def find_member(sweep: SweepConfig, dataset: str, latent_dim: int, algorithm: str, seed: int) -> Member:
-    """The declared member with these values.
-
-    Raises:
-        ConfigError: the sweep declares no such member (lists what it declares).
-    """
-    member = Member(dataset, latent_dim, algorithm, seed)
-    declared = members(sweep)
-    if member not in declared:
-        raise ConfigError(f"sweep member {member.name}: not declared by params.yaml's sweep section "
-                          f"(latent_dims {sweep.latent_dims}, algorithms {sweep.algorithms}, seeds {sweep.seeds})")
-    return member
-
-
-def sweep_paths(paths: PathsConfig, member: Member | None = None) -> PathsConfig:
-    """The folders of the sweep's data and, given a member, of its model and reports."""
-    name = member.name if member else "_"
-    return PathsConfig(raw=f"{paths.raw}/sweep", processed=f"{paths.processed}/sweep",
-                       models=f"{paths.models}/sweep/{name}", reports=f"{paths.reports}/sweep/members/{name}")
-
-
-def _params(sweep: SweepConfig, dataset: str, values: dict, paths: PathsConfig) -> Params:
-    merged = Params().to_dict()
-    del merged["sweep"]
-    for section, settings in sweep.settings[dataset].items():
-        merged[section].update(settings)
-    for section, settings in values.items():
-        merged[section].update(settings)
-    merged["paths"] = asdict(paths)
-    merged["profile"] = f"sweep-{sweep.size}"
-    return params_from_dict(merged, source=f"params.yaml sweep.settings.{dataset}")
-
-
-def member_params(sweep: SweepConfig, member: Member, paths: PathsConfig = PathsConfig()) -> Params:
-    """The member's full parameters: :mod:`vae.config`'s defaults, ``sweep.settings[dataset]`` on
-    top, then the member's dataset, latent size, algorithm and seed; paths from :func:`sweep_paths`.
-
-    Raises:
-        ConfigError: the settings give an invalid member (names the key and value).
-    """
-    return _params(sweep, member.dataset, {"data": {"dataset": member.dataset},
-                                           "model": {"latent_dim": member.latent_dim},
-                                           "train": {"algorithm": member.algorithm, "seed": member.seed}},
-                   sweep_paths(paths, member))
-
-
-def data_params(sweep: SweepConfig, dataset: str, paths: PathsConfig = PathsConfig()) -> Params:
-    """Parameters of the ``sweep-data@<dataset>`` stage (only ``data`` and ``paths`` matter)."""
-    return _params(sweep, dataset, {"data": {"dataset": dataset}}, sweep_paths(paths))
-
-
-def sweep_id(sweep: SweepConfig) -> str:
-    """A 12-hex-digit digest of the ``sweep`` section: the MLflow sweep run's identity."""
-    text = json.dumps(asdict(sweep), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def sweep_run(params: Params) -> str | None:
@@ -235,7 +148,8 @@ def run_report(params: Params, progress: bool = True) -> dict[str, str]:
         DataError: a declared member has not run.
         TrackingError: the tracking store cannot be reached.
     """
-    from vae.visualize import RunCurves, lower_bound_sweep
+    from vae.catalogue import RunCurves
+    from vae.visualize import lower_bound_sweep
 
     out = Path(params.paths.reports) / "sweep"
     rows, curves = [], []

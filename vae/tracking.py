@@ -1,4 +1,8 @@
-"""Every MLflow call of the project, in one place.
+"""The MLflow calls of the stages: their runs, what they log, and the client that reaches the store.
+
+Reading the store's catalogue of finished training runs (their curves and models, for the figures
+over runs) is :mod:`vae.catalogue`'s, through :func:`connect` and :func:`call` here; the git
+commit the runs are tagged with comes from :mod:`vae.provenance`.
 
 One MLflow run per pipeline execution: the ``train`` stage creates it and records its id in its
 summary file; ``evaluate``, ``visualize`` and ``report`` reopen that run and log into it, so a
@@ -13,13 +17,11 @@ mlflow is imported only when a tracker is created, so training runs without it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vae.errors import TrackingError
+from vae.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +41,6 @@ METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 def enabled() -> bool:
     """False when ``VAE_TRACKING`` is ``off``, ``0`` or ``false``."""
     return os.environ.get(TRACKING_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit() -> str | None:
-    """The repository's HEAD commit, or None outside a git work tree."""
-    return _git("rev-parse", "HEAD") or None
-
-
-def git_dirty(ignore: Sequence[str] = ()) -> bool:
-    """Whether tracked files differ from HEAD (pipeline outputs are git-ignored and do not count);
-    paths in ``ignore`` (relative to the repository root, e.g. ``dvc.lock``) do not count either."""
-    changed = _git("diff", "--name-only", "HEAD") or ""  # staged and unstaged changes to tracked files
-    return any(path not in ignore for path in changed.splitlines() if path)
 
 
 def store_uri(root: str | Path | None = None) -> str:
@@ -164,7 +147,7 @@ class Tracker:
         return version
 
     def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        return _read(self.uri, function, *args, **kwargs)
+        return call(self.uri, function, *args, **kwargs)
 
 
 class NullTracker:
@@ -201,21 +184,27 @@ def _open_client(uri: str, **kwargs: Any) -> Any:
     except ImportError as error:
         raise TrackingError(f"mlflow is not installed ({error}); install it or set {TRACKING_ENV}=off") from None
     if uri in _READY or not uri.startswith("sqlite:"):
-        return _read(uri, MlflowClient, tracking_uri=uri, **kwargs)
+        return call(uri, MlflowClient, tracking_uri=uri, **kwargs)
     database = uri.split("///", 1)[-1].split("?", 1)[0]
     digest = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"vae-mlflow-{digest}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            client = _read(uri, MlflowClient, tracking_uri=uri, **kwargs)
-            _read(uri, client.search_registered_models, max_results=1)  # the registry's tables too
+            client = call(uri, MlflowClient, tracking_uri=uri, **kwargs)
+            call(uri, client.search_registered_models, max_results=1)  # the registry's tables too
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
     _READY.add(uri)
     return client
 
 
-def _client() -> tuple[Any, str]:
+def connect() -> tuple[Any, str]:
+    """(``MlflowClient``, URI) of the tracking store in use (MLflow's tracking URI: ``MLFLOW_TRACKING_URI``,
+    else its default), for reads outside a run (:mod:`vae.catalogue`); wrap its calls in :func:`call`.
+
+    Raises:
+        TrackingError: mlflow is not installed, or the store cannot be opened (names the URI).
+    """
     try:
         import mlflow
     except ImportError as error:
@@ -235,69 +224,13 @@ def client_for(root: str | Path) -> Any:
     return _open_client(uri, registry_uri=uri)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedRun:
-    """A training run found in the tracking store (see :func:`trained_runs`)."""
-
-    run_id: str
-    name: str
-    dataset: str
-    binarization: str
-    profile: str
-    latent_dim: int
-    start_time: int  # milliseconds since the epoch
-    algorithm: str = "aevb"  # train.algorithm: aevb | wake-sleep
-
-
-def _read(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-    """``function(*args, **kwargs)``, its failures raised as TrackingError naming the store."""
+def call(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` (a call on the store at ``uri``), its failures raised as
+    :class:`~vae.errors.TrackingError` naming the store, credentials masked."""
     try:
         return function(*args, **kwargs)
     except Exception as error:  # MlflowException, connection and database errors alike
         raise TrackingError(masked(f"MLflow tracking at {uri} failed in {function.__name__}: {error}")) from error
-
-
-def trained_runs(experiment_prefix: str = "vae-", limit: int = 1000) -> list[TrainedRun]:
-    """The runs of the experiments named ``<experiment_prefix>*`` whose training finished
-    (the ``train`` stage logs ``train_seconds`` last), newest first; child runs (re-evaluations)
-    and runs without dataset, binarization or latent_dim are left out. Empty when tracking is off.
-
-    Raises:
-        TrackingError: the tracking store cannot be read (names the URI).
-    """
-    if not enabled():
-        return []
-    client, uri = _client()
-    experiments = _read(uri, client.search_experiments, filter_string=f"name LIKE '{experiment_prefix}%'")
-    if not experiments:
-        return []
-    runs = _read(uri, client.search_runs, [e.experiment_id for e in experiments],
-                 filter_string="metrics.train_seconds >= 0", order_by=["attributes.start_time DESC"],
-                 max_results=limit)
-    found = []
-    for run in runs:
-        tags, params = run.data.tags, run.data.params
-        if "mlflow.parentRunId" in tags or not {"dataset", "binarization"} <= set(tags):
-            continue
-        try:
-            latent_dim = int(params["model.latent_dim"])
-        except (KeyError, ValueError):
-            continue
-        found.append(TrainedRun(run.info.run_id, tags.get("mlflow.runName", run.info.run_id), tags["dataset"],
-                                tags["binarization"], tags.get("profile", "?"), latent_dim,
-                                int(run.info.start_time or 0), tags.get("algorithm", "aevb")))
-    return found
-
-
-def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
-    """The (step, value) points of metric ``key`` of run ``run_id``, by step (empty if never logged).
-
-    Raises:
-        TrackingError: the tracking store cannot be read.
-    """
-    client, uri = _client()
-    points = _read(uri, client.get_metric_history, run_id, key)
-    return sorted((int(point.step), float(point.value)) for point in points)
 
 
 def download_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
@@ -306,8 +239,8 @@ def download_artifact(run_id: str, artifact_path: str, destination: str | Path) 
     Raises:
         TrackingError: the store or the artifact cannot be read (e.g. the artifact is missing).
     """
-    client, uri = _client()
-    return Path(_read(uri, client.download_artifacts, run_id, artifact_path, str(destination)))
+    client, uri = connect()
+    return Path(call(uri, client.download_artifacts, run_id, artifact_path, str(destination)))
 
 
 def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
@@ -320,14 +253,14 @@ def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
     """
     if not enabled():
         return None
-    client, uri = _client()
-    found = _read(uri, client.get_experiment_by_name, experiment)
-    experiment_id = found.experiment_id if found else _read(uri, client.create_experiment, experiment)
-    runs = _read(uri, client.search_runs, [experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+    client, uri = connect()
+    found = call(uri, client.get_experiment_by_name, experiment)
+    experiment_id = found.experiment_id if found else call(uri, client.create_experiment, experiment)
+    runs = call(uri, client.search_runs, [experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
                  order_by=["attributes.start_time ASC"], max_results=1)
     if runs:
         return runs[0].info.run_id
-    run = _read(uri, client.create_run, experiment_id, run_name=run_name,
+    run = call(uri, client.create_run, experiment_id, run_name=run_name,
                 tags={"mlflow.runName": run_name, tag: value, "mlflow.source.git.commit": git_commit() or "",
                       **(tags or {})})
     return run.info.run_id
@@ -341,12 +274,12 @@ def complete_parent_run(run_id: str, children: Sequence[str], artifacts: Sequenc
     Raises:
         TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
     """
-    client, uri = _client()
+    client, uri = connect()
     for child in children:
-        _read(uri, client.set_tag, child, "mlflow.parentRunId", run_id)
+        call(uri, client.set_tag, child, "mlflow.parentRunId", run_id)
     for path in artifacts:
-        _read(uri, client.log_artifact, run_id, str(path), artifact_path)
-    _read(uri, client.set_terminated, run_id, status="FINISHED")
+        call(uri, client.log_artifact, run_id, str(path), artifact_path)
+    call(uri, client.set_terminated, run_id, status="FINISHED")
 
 
 def _warn_off(stage: str) -> None:
@@ -369,7 +302,7 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
         _warn_off(stage)
         yield NullTracker()
         return
-    client, uri = _client()
+    client, uri = connect()
     tracker = Tracker(client, "", uri)
     if resume_run_id:
         try:
@@ -415,7 +348,7 @@ def resume_run(run_id: str | None, stage: str,
               "(re-run `vae train` with tracking on)", file=sys.stderr)
         yield NullTracker()
         return
-    client, uri = _client()
+    client, uri = connect()
     tracker = Tracker(client, run_id, uri)
     try:
         run = client.get_run(run_id)

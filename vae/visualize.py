@@ -27,9 +27,7 @@ Figures of this run alone:
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -41,16 +39,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from vae import tracking  # noqa: E402
+from vae import datasets, tracking  # noqa: E402
+from vae.catalogue import RunCurves, current_run, prior_models, run_order, tracked_runs  # noqa: E402
 from vae.config import Params, VisualizeConfig  # noqa: E402
 from vae.data.splits import load_split  # noqa: E402
-from vae.errors import CheckpointError, TrackingError  # noqa: E402
 from vae.io import atomic_path, read_json, write_json  # noqa: E402
 from vae.model import VAE, load_model  # noqa: E402
 
 DPI = 300  # print quality
 GRID_SCALE = 4  # image grids are upscaled (nearest neighbour) so each pixel stays sharp in print
-IMAGE_SHAPE = {"mnist": (28, 28), "frey": (28, 20)}
 
 
 def _save_grid(images: torch.Tensor, shape: tuple[int, int], nrow: int, path: Path) -> None:
@@ -180,41 +177,7 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path, log_inter
 # Figures over runs: AEVB Fig. 2 (one line per run) and Fig. 5 (one grid per latent_dim)
 # ------------------------------------------------------------------------------------------
 
-DATASET_NAMES = {"mnist": "MNIST", "frey": "Frey Face"}
 FIGURE2_FROM = 1e5  # AEVB Fig. 2's x-axis starts at 10^5 training examples
-
-
-@dataclass
-class RunCurves:
-    """One run's ELBO per evaluated pass (nats per example), for :func:`lower_bound_runs`.
-
-    ``curves`` has columns examples_seen (int), train_elbo and ``held_out`` (float): test_elbo,
-    or valid_elbo for runs trained before the per-pass test ELBO was recorded.
-    """
-
-    run_id: str | None
-    name: str
-    dataset: str
-    binarization: str
-    profile: str
-    latent_dim: int
-    current: bool = False
-    curves: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
-    algorithm: str = "aevb"  # train.algorithm: aevb | wake-sleep
-
-    @property
-    def held_out(self) -> str:
-        """``test_elbo``, ``valid_elbo`` or ``none``: the held-out curve it has."""
-        for column in ("test_elbo", "valid_elbo"):
-            if column in self.curves and self.curves[column].notna().any():
-                return column
-        return "none"
-
-    def describe(self) -> dict:
-        """Plain values for ``figure_runs.json`` and the report."""
-        return {key: value for key, value in asdict(self).items() if key != "curves"} | {
-            "held_out": {"test_elbo": "test", "valid_elbo": "validation"}.get(self.held_out, "none"),
-            "points": len(self.curves)}
 
 
 def _text(value: object) -> str:
@@ -223,8 +186,11 @@ def _text(value: object) -> str:
 
 
 def _panel_title(dataset: str, binarization: str) -> str:
-    name = DATASET_NAMES.get(dataset, dataset)
-    return name if binarization == "none" else f"{name}, {binarization} binarization"
+    """The registry's title (``MNIST, dynamic binarization``); a dataset it does not know (a run of
+    the tracking store from elsewhere) by its name."""
+    if dataset in datasets.DATASETS:
+        return datasets.get(dataset).panel_title(binarization)
+    return dataset if binarization == "none" else f"{dataset}, {binarization} binarization"
 
 
 def _check_runs(runs: list[RunCurves], figure: str) -> None:
@@ -320,8 +286,8 @@ def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None
     """
     _check_runs(runs, "lower_bound_sweep")
     panels: dict[str, list[RunCurves]] = {}
-    for run in sorted(runs, key=lambda r: (list(DATASET_NAMES).index(r.dataset) if r.dataset in DATASET_NAMES
-                                           else len(DATASET_NAMES), r.dataset)):
+    for run in sorted(runs, key=lambda r: (datasets.NAMES.index(r.dataset) if r.dataset in datasets.NAMES
+                                           else len(datasets.NAMES), r.dataset)):
         panels.setdefault(run.dataset, []).append(run)
     figure, grid = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False,
                                 layout="constrained")
@@ -393,68 +359,6 @@ def prior_samples_by_latent_dim(models: list[tuple[int, VAE]], config: Visualize
     _save_figure(figure, path)
 
 
-def current_run(summary: dict, epochs: pd.DataFrame) -> RunCurves:
-    """This execution's run, from ``train_summary.json`` and ``elbo_curve.csv`` (works with tracking off)."""
-    keep = [c for c in ("examples_seen", "train_elbo", "test_elbo", "valid_elbo") if c in epochs]
-    return RunCurves(summary.get("mlflow_run_id"), "this run", summary["dataset"], summary["binarization"],
-                     str(summary.get("profile", "?")), int(summary["latent_dim"]), current=True,
-                     curves=epochs[keep].copy(), algorithm=str(summary.get("algorithm", "aevb")))
-
-
-def tracked_runs(current: RunCurves) -> list[RunCurves]:
-    """The latest run whose training finished for each (dataset, binarization, latent_dim, algorithm) in the
-    MLflow tracking store, ``current`` in place of its own key; curves read from the metric
-    histories ``train_elbo`` and ``test_elbo_curve`` (``valid_elbo`` for older runs).
-
-    The tracking store is outside DVC: ``dvc repro`` does not re-run ``visualize`` when another
-    pipeline adds a run; ``dvc repro -s -f visualize && dvc repro`` redraws (and re-reports).
-
-    Raises:
-        TrackingError: the store cannot be read.
-    """
-    chosen: dict[tuple[str, str, int, str], RunCurves] = {
-        (current.dataset, current.binarization, current.latent_dim, current.algorithm): current}
-    for found in tracking.trained_runs():
-        key = (found.dataset, found.binarization, found.latent_dim, found.algorithm)
-        if key in chosen or found.run_id == current.run_id:
-            continue
-        train = tracking.metric_history(found.run_id, "train_elbo")
-        if not train:
-            continue
-        frame = pd.DataFrame(train, columns=["examples_seen", "train_elbo"])
-        for metric, column in (("test_elbo_curve", "test_elbo"), ("valid_elbo", "valid_elbo")):
-            points = tracking.metric_history(found.run_id, metric)
-            if points:
-                frame = frame.merge(pd.DataFrame(points, columns=["examples_seen", column]), on="examples_seen",
-                                    how="left")
-                break
-        chosen[key] = RunCurves(found.run_id, found.name, found.dataset, found.binarization, found.profile,
-                                found.latent_dim, curves=frame, algorithm=found.algorithm)
-    return list(chosen.values())
-
-
-def prior_models(runs: list[RunCurves], current_model: VAE, workdir: Path) -> list[tuple[RunCurves, VAE]]:
-    """The model of each run of ``runs`` with the current run's dataset and binarization: the current
-    run's ``current_model``, the others' ``checkpoint/model.pt`` artifacts downloaded to ``workdir``.
-    A run whose checkpoint cannot be fetched or read is left out with a warning on stderr."""
-    current = next(run for run in runs if run.current)
-    models = []
-    for run in runs:
-        # AEVB Fig. 5 shows one algorithm's models: this run's.
-        if (run.dataset, run.binarization, run.algorithm) != (current.dataset, current.binarization, current.algorithm):
-            continue
-        if run.current:
-            models.append((run, current_model))
-            continue
-        try:
-            path = tracking.download_artifact(run.run_id, "checkpoint/model.pt", workdir / run.run_id)
-            models.append((run, load_model(path)))
-        except (TrackingError, CheckpointError) as error:
-            print(f"WARNING: run {run.name} ({run.run_id}) left out of the prior samples: {error}",
-                  file=sys.stderr)
-    return models
-
-
 def log_likelihood_histogram(per_example: pd.DataFrame, k: int, path: Path) -> None:
     """Histogram of per-example L_k, test and train, with their means marked. Both splits share the
     bins: 2 sqrt(n) of them for n images (10 to 80), so 200 Frey faces are not spread over 80 bins."""
@@ -502,7 +406,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
         TrackingError: the tracking store cannot be read.
     """
     paths, config, dataset = params.paths, params.visualize, params.data.dataset
-    shape = IMAGE_SHAPE[dataset]
+    shape = datasets.get(dataset).image_shape
     model = load_model(paths.checkpoint)
     test = load_split(paths.processed_dir(dataset) / "test.pt")
     x = test.values()
@@ -529,9 +433,9 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
         prior_samples_by_latent_dim([(run.latent_dim, m) for run, m in with_models], config, shape,
                                     figures["prior_samples_by_latent_dim"])
     write_json(out / "figure_runs.json",
-               {"lower_bound_runs": [run.describe() for run in sorted(runs, key=_run_order)],
+               {"lower_bound_runs": [run.describe() for run in sorted(runs, key=run_order)],
                 "prior_samples_by_latent_dim": [run.describe() for run, _ in sorted(with_models,
-                                                                                    key=lambda p: _run_order(p[0]))]})
+                                                                                    key=lambda p: run_order(p[0]))]})
 
     metrics = read_json(paths.metrics)
     figures["bound_curve"] = out / "bound_curve.png"
@@ -553,6 +457,3 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
           f"Figure 5 {len(with_models)} latent size(s)", flush=True)
     return {name: str(path) for name, path in figures.items()}
 
-
-def _run_order(run: RunCurves) -> tuple:
-    return (run.dataset, run.binarization, run.latent_dim, run.algorithm)

@@ -1,5 +1,6 @@
 """The ``binarize`` stage for MNIST with binarization ``static``: the fixed binary MNIST of
-Larochelle & Murray (2011), source :data:`vae.data.sources.BINARIZED_MNIST`.
+Larochelle & Murray (2011), source ``binarized_mnist``
+(``vae.datasets.variant("mnist", "static").source``).
 
 Three plain-text ``.amat`` files hold their own split, 50000 / 10000 / 10000 train / validation /
 test images (the validation images are the last 10000 of MNIST's training set), each image
@@ -11,25 +12,35 @@ text tools often drop a final line end. Anything else (``\\r\\n`` line ends, tab
 spaces, other values) is rejected with the first offending line.
 
 The files carry no labels: every split's labels are -1 (unlabelled).
+
+The image size (784 pixels) and the files' image counts are the dataset registry's; the
+``.amat`` line layout is this module's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vae.config import DataConfig
+from vae import datasets
 from vae.data.splits import UNLABELLED, Split, save_splits, take_subsets
 from vae.errors import ConfigError, DataError
 
-PIXELS = 784
+if TYPE_CHECKING:  # an annotation only: the configuration sits above the parsers
+    from vae.config import DataConfig
+
+DATASET = datasets.get("mnist")
+VARIANT = DATASET.variant("static")
+PIXELS = DATASET.input_dim  # 784
 LINE_BYTES = 2 * PIXELS  # 784 characters and 783 spaces, then "\n"
+# split -> (file, images in it); the counts are the registry's (50000 / 10000 / 10000).
 FILES = {
-    "train": ("binarized_mnist_train.amat", 50000),
-    "valid": ("binarized_mnist_valid.amat", 10000),
-    "test": ("binarized_mnist_test.amat", 10000),
+    "train": ("binarized_mnist_train.amat", VARIANT.file_counts["train"]),
+    "valid": ("binarized_mnist_valid.amat", VARIANT.file_counts["valid"]),
+    "test": ("binarized_mnist_test.amat", VARIANT.file_counts["test"]),
 }
 
 _ZERO, _ONE, _SPACE, _NEWLINE = ord("0"), ord("1"), ord(" "), ord("\n")
@@ -123,8 +134,9 @@ def prepare_static_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> di
     """
     for name in ("validation_size", "test_size"):
         if getattr(config, name) is not None:
+            fixed = " / ".join(str(count) for count in VARIANT.file_counts.values())
             raise ConfigError(f"data.{name} = {getattr(config, name)!r}: the static binarization's "
-                              "files fix the split (50000 / 10000 / 10000); expected null")
+                              f"files fix the split ({fixed}); expected null")
     images = {name: read_amat(Path(raw_dir) / file, count) for name, (file, count) in FILES.items()}
     images = take_subsets(images, config.train_subset, config.eval_subset)
     splits = {name: Split(split.clone(), torch.full((len(split),), UNLABELLED, dtype=torch.int64),

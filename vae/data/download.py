@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vae.data.sources import DatasetSource, RemoteFile, base_urls
+from vae.data.sources import base_urls
+from vae.datasets import DatasetSource, RemoteFile
 from vae.errors import ChecksumError, DataError, DownloadError
 from vae.io import atomic_open
 

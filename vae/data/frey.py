@@ -1,35 +1,42 @@
 """The ``binarize`` stage for Frey Face (binarization ``none``): parse Roweis's MATLAB file and split.
 
-Source :data:`vae.data.sources.FREY`: ``frey_rawface.mat``, a MATLAB v5 file whose variable
-``ff`` is uint8 of shape (560, 1965): 1965 grey faces of 28 rows x 20 columns, one per column,
-each column the image in row-major order (so ``ff.T`` is (1965, 560), row i the i-th face).
+Source ``frey`` (``vae.datasets.variant("frey", "none").source``): ``frey_rawface.mat``, a
+MATLAB v5 file whose variable ``ff`` is uint8 of shape (560, 1965): 1965 grey faces of 28 rows x
+20 columns, one per column, each column the image in row-major order (so ``ff.T`` is (1965, 560),
+row i the i-th face).
 
 Split (there is no standard one; AEVB does not publish its own): a permutation of the faces
 seeded with ``split_seed``; its first ``test_size`` faces (null: 200) are the test split, the next
 ``validation_size`` (null: 200) the validation split, the rest (1565 by default) the training
 split. The faces stay grey (``binary`` false, binarization ``none``); a model sees them as
 intensity / 256 (:meth:`vae.data.splits.Split.values`). There are no labels: all are -1.
+
+The face shape (28 x 20) and the standard split sizes (200 / 200) are the dataset registry's
+(``vae.datasets.get("frey")``); the MATLAB file's facts (its name, the variable ``ff``, the
+column layout) are this module's.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vae.config import DataConfig
+from vae import datasets
 from vae.data.splits import UNLABELLED, Split, save_splits, take_subsets
 from vae.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # an annotation only: the configuration sits above the parsers
+    from vae.config import DataConfig
+
+DATASET = datasets.get("frey")
 FILE = "frey_rawface.mat"
 VARIABLE = "ff"
-HEIGHT, WIDTH = 28, 20
-PIXELS = HEIGHT * WIDTH  # 560
-COUNT = 1965
-TEST_SIZE = 200  # used when data.test_size is null
-VALIDATION_SIZE = 200  # used when data.validation_size is null
+HEIGHT, WIDTH = DATASET.image_shape  # 28 rows x 20 columns
+PIXELS = DATASET.input_dim  # 560
 # MATLAB classes that scipy reads into an array sized by the data the file holds (cells, structs
 # and objects are allocated from the dimensions their header claims, before any element is read).
 NUMERIC_CLASSES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "single",
@@ -101,11 +108,12 @@ def prepare_frey(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str, 
         ConfigError: ``validation_size + test_size`` leaves no training faces.
     """
     faces = read_frey(Path(raw_dir) / FILE)
-    test_size = TEST_SIZE if config.test_size is None else config.test_size
-    validation_size = VALIDATION_SIZE if config.validation_size is None else config.validation_size
+    # null: the registry's standard sizes (200 and 200)
+    test_size = DATASET.test_size if config.test_size is None else config.test_size
+    validation_size = DATASET.validation_size if config.validation_size is None else config.validation_size
     if validation_size + test_size >= len(faces):
         raise ConfigError(f"data.validation_size = {validation_size} and data.test_size = {test_size} "
-                          f"(null means {VALIDATION_SIZE} and {TEST_SIZE}): together expected fewer "
+                          f"(null means {DATASET.validation_size} and {DATASET.test_size}): together expected fewer "
                           f"than the {len(faces)} faces, to leave some for training")
 
     order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(config.split_seed))

@@ -7,27 +7,38 @@ and the 10000 test images. Binarization ``dynamic`` (IWAE, Burda et al. 2016, Se
 Salakhutdinov & Murray 2008): training images stay grey and are resampled
 x ~ Bernoulli(intensity) each time they are used; validation and test images are sampled once
 with a fixed seed and saved binary.
+
+The image shape (28 x 28), the files' image counts and the standard validation size are the
+dataset registry's (``vae.datasets.get("mnist")``); the IDX format's facts (magic numbers,
+header layout) are this module's.
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vae.config import DataConfig
+from vae import datasets
 from vae.data.splits import Split, save_splits, take_subsets
-from vae.errors import DataError
+from vae.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # an annotation only: the configuration sits above the parsers
+    from vae.config import DataConfig
+
+DATASET = datasets.get("mnist")
+VARIANT = DATASET.variant("dynamic")
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-IMAGE_SIDE = 28
-VALIDATION_SIZE = 10000  # the standard validation set, used when data.validation_size is null
+IMAGE_SHAPE = DATASET.image_shape  # (rows, columns)
+IMAGE_SIDE = IMAGE_SHAPE[0]  # MNIST's images are square
+# split -> (image file, label file, images in each); the counts are the registry's.
 FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", VARIANT.file_counts["train"]),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", VARIANT.file_counts["test"]),
 }
 
 
@@ -54,13 +65,14 @@ def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
 
 
 def read_idx_images(path: Path, count: int) -> torch.Tensor:
-    """Read an MNIST image file. Returns uint8 (count, 784).
+    """Read an MNIST image file of ``count`` images of :data:`IMAGE_SHAPE` (28 x 28). Returns uint8
+    (count, 784), each image row-major.
 
     Raises:
         DataError: missing file, wrong magic number, dimensions or length.
     """
-    images = _read_idx(path, IMAGE_MAGIC, (count, IMAGE_SIDE, IMAGE_SIDE))
-    return torch.from_numpy(images.reshape(count, IMAGE_SIDE * IMAGE_SIDE))
+    images = _read_idx(path, IMAGE_MAGIC, (count, *IMAGE_SHAPE))
+    return torch.from_numpy(images.reshape(count, DATASET.input_dim))
 
 
 def read_idx_labels(path: Path, count: int) -> torch.Tensor:
@@ -86,12 +98,11 @@ def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str,
         ConfigError: ``validation_size`` leaves no training examples, or ``test_size`` is set
             (MNIST's test set is fixed).
     """
-    from vae.errors import ConfigError
-
     if config.test_size is not None:
         raise ConfigError(f"data.test_size = {config.test_size!r}: MNIST has a fixed test set of "
-                          "10000 images; expected null (use eval_subset to evaluate fewer)")
-    validation_size = VALIDATION_SIZE if config.validation_size is None else config.validation_size
+                          f"{DATASET.test_size} images; expected null (use eval_subset to evaluate fewer)")
+    # null: the registry's standard validation set (10000 of the 60000 training images)
+    validation_size = DATASET.validation_size if config.validation_size is None else config.validation_size
     train_images = read_idx_images(raw_dir / FILES["train"][0], FILES["train"][2])
     train_labels = read_idx_labels(raw_dir / FILES["train"][1], FILES["train"][2])
     test_images = read_idx_images(raw_dir / FILES["test"][0], FILES["test"][2])

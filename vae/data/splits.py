@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from vae import datasets
 from vae.errors import DataError, shown
 from vae.io import atomic_open
 
-SPLITS = ("train", "valid", "test")
-BINARIZATIONS = ("dynamic", "static", "none")
+SPLITS = datasets.SPLITS  # ("train", "valid", "test")
+BINARIZATIONS = datasets.BINARIZATIONS  # every dataset's, in registry order: dynamic, static, none
 UNLABELLED = -1
 # Grey values of a ``none`` split are divided by 256, not 255, as in the AEVB authors' code
 # (Kingma & Welling's Frey Face experiment): values lie in [0, 255/256], never exactly 1.
