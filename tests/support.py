@@ -401,9 +401,9 @@ def assert_whole(root: Path) -> int:
     from PIL import Image
 
     from vae.data.download import sha256_of
-    from vae.data.sources import BINARIZED_MNIST, FREY, MNIST
+    from vae import datasets
 
-    expected = {remote.local_name: remote.sha256 for source in (MNIST, BINARIZED_MNIST, FREY) for remote in source.files}
+    expected = {remote.local_name: remote.sha256 for source in datasets.sources().values() for remote in source.files}
     checked = 0
     for folder in OUTPUT_FOLDERS:
         for path in sorted((root / folder).rglob("*")):
