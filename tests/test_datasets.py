@@ -96,7 +96,8 @@ def test_variant_source(dataset, binarization, source):
 
 
 @pytest.mark.parametrize("dataset, binarization", [
-    ("mnist", "none"), ("frey", "dynamic"), ("frey", "static"), ("cifar", "dynamic"), ("binarized_mnist", "static")])
+    ("mnist", "none"), ("frey", "dynamic"), ("frey", "static"), ("cifar", "dynamic"), ("binarized_mnist", "static"),
+    ("mnist", "otsu")])
 def test_variant_rejects_other_pairs(dataset, binarization):
     with pytest.raises(ConfigError) as caught:
         datasets.variant(dataset, binarization)

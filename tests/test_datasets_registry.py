@@ -140,16 +140,6 @@ def test_get_names_the_bad_value_and_lists_the_allowed_ones(name):
     assert repr(name) in message and "mnist, frey" in message
 
 
-@pytest.mark.parametrize("name, binarization", [
-    ("mnist", "none"), ("frey", "dynamic"), ("frey", "static"), ("cifar", "dynamic"), ("mnist", "otsu")])
-def test_variant_names_the_bad_values_and_lists_the_allowed_pairs(name, binarization):
-    with pytest.raises(ConfigError) as caught:
-        datasets.variant(name, binarization)
-    message = str(caught.value)
-    assert repr(name) in message and repr(binarization) in message
-    assert "mnist + dynamic, mnist + static, frey + none" in message
-
-
 @pytest.mark.parametrize("name, binarization", [("mnist", "none"), ("frey", "static")])
 def test_an_entrys_variant_names_the_bad_value_and_lists_its_binarizations(name, binarization):
     with pytest.raises(ConfigError) as caught:

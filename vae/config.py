@@ -385,6 +385,10 @@ DEFAULT_SWEEP_SETTINGS = {
                            "device": "cpu"}}
     for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
                           ("frey", {"binarization": "none"}))}
+# A dataset the sweep does not use by default: no latent size, and its default binarization.
+DEFAULT_SWEEP_LATENT_DIMS = {name: [] for name in datasets.NAMES} | {"mnist": [3, 20], "frey": [2, 10]}
+DEFAULT_SWEEP_SETTINGS |= {name: {"data": {"binarization": datasets.get(name).binarizations[0]}}
+                           for name in datasets.NAMES if name not in DEFAULT_SWEEP_SETTINGS}
 
 
 class SweepConfig(Section):
@@ -408,7 +412,7 @@ class SweepConfig(Section):
     seeds: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], AfterValidator(_distinct)] = Field(
         [0], min_length=1, json_schema_extra=UNIQUE, description="train.seed of the members; one member per seed.")
     latent_dims: dict[str, list[Int]] = Field(
-        {"mnist": [3, 20], "frey": [2, 10]},
+        DEFAULT_SWEEP_LATENT_DIMS,
         description="Latent sizes per dataset, one entry per dataset; [] leaves it out (paper: mnist 3, 5, 10, 20, "
                     "200; frey 2, 5, 10, 20).",
         json_schema_extra={"additionalProperties": {"type": "array", "uniqueItems": True,
