@@ -78,7 +78,7 @@ def test_reading_the_registry_imports_no_parser_nor_torch():
     """The registry is read to validate ``params.yaml`` and for ``--help``: it stays cheap."""
     import subprocess
 
-    code = ("import sys, vae.datasets as d; d.describe(); d.sources(); d.variant('mnist', 'static'); "
+    code = ("import sys, vae.datasets as d; d.sources(); d.variant('mnist', 'static'); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('vae.data.') and "
             "m not in ('vae.data.sources',)))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -170,8 +170,20 @@ def test_the_published_references():
         assert ref.log_likelihood < 0 and ref.importance_samples == 5000 and ref.source and ref.where
 
 
-def test_describe():
-    assert datasets.describe() == {
-        "mnist": {"title": "MNIST", "image_shape": [28, 28], "binarizations": ["dynamic", "static"]},
-        "frey": {"title": "Frey Face", "image_shape": [28, 20], "binarizations": ["none"]},
-    }
+def test_panel_title_of_a_dataset_the_registry_does_not_know_is_its_name():
+    assert datasets.panel_title("cifar", "dynamic") == "cifar, dynamic binarization"
+    assert datasets.panel_title("cifar", "none") == "cifar"
+
+
+def test_the_data_stages_help_names_every_registered_file_and_split():
+    from vae.cli import build_parser
+
+    helps = {action.dest: action for action in build_parser()._subparsers._group_actions}
+    stages = next(iter(helps.values())).choices
+    download, binarize = stages["download"].description, stages["binarize"].description
+    for entry in datasets.DATASETS.values():
+        assert entry.split in binarize
+        for variant in entry.variants.values():
+            assert variant.description in binarize
+            assert all(remote.name in download for remote in variant.source.files)
+    assert all(name in download for name in datasets.sources())

@@ -19,17 +19,9 @@ from vae import __version__, datasets
 from vae.errors import ConfigError, VaeError
 
 STAGES = {  # name: (module, function, summary for `vae --help`, description for `vae STAGE --help`)
-    "download": ("vae.stages", "download", "fetch and verify the dataset's files",
-                 "Fetch the files of data.dataset and data.binarization (MNIST's IDX files, the static "
-                 "binarized_mnist .amat files, or Frey Face's frey_rawface.mat) into paths.raw/<dataset>, "
-                 "verified by the SHA-256 of their uncompressed content. Sources: the upstream hosts, or "
-                 "$VAE_DATA_MIRROR (a folder or URL laid out as <mirror>/<source>/<file>, source being "
-                 "mnist, binarized_mnist or frey) when set. Verified files are not fetched again."),
-    "binarize": ("vae.stages", "binarize", "parse, split and binarize",
-                 "Parse the raw files and write train / valid / test splits to "
-                 "paths.processed/<dataset>: MNIST 50000 / 10000 / 10000 (dynamic binarization: train "
-                 "stays grey and is resampled per minibatch, valid and test are binarized once; static: "
-                 "the .amat files' own split), Frey Face 1565 / 200 / 200 by a seeded permutation."),
+    # The data stages' descriptions name each dataset's files and splits: _data_help(), from the registry.
+    "download": ("vae.stages", "download", "fetch and verify the dataset's files", None),
+    "binarize": ("vae.stages", "binarize", "parse, split and binarize", None),
     "train": ("vae.train", "run", "train the VAE on the ELBO (or the IWAE bound)",
               "Train the VAE (maximise the SGVB ELBO, or the importance-weighted bound); write "
               "models/model.pt, the ELBO curves and train_summary.json; start the pipeline's MLflow run. "
@@ -45,6 +37,23 @@ STAGES = {  # name: (module, function, summary for `vae --help`, description for
                "reports/report.html (self-contained) and reports/report.md from the metrics and figures, "
                "with the latent-size sweep's figure and table (reports/sweep) once sweep-report has run."),
 }
+
+def _data_help() -> dict[str, str]:
+    """The download and binarize stages' ``--help`` texts, from the dataset registry."""
+    variants = [(entry, variant) for entry in datasets.DATASETS.values() for variant in entry.variants.values()]
+    files = "; ".join(f"{entry.name} + {variant.binarization}: {', '.join(f.name for f in variant.source.files)}"
+                      for entry, variant in variants)
+    splits = "; ".join(f"{entry.title}: {entry.split}" for entry in datasets.DATASETS.values())
+    kinds = "; ".join(f"{entry.name} + {variant.binarization}: {variant.description}" for entry, variant in variants)
+    return {
+        "download": f"Fetch the files of data.dataset and data.binarization ({files}) into paths.raw/<dataset>, "
+                    "verified by the SHA-256 of their uncompressed content. Sources: the upstream hosts, or "
+                    "$VAE_DATA_MIRROR (a folder or URL laid out as <mirror>/<source>/<file>, source being "
+                    f"{', '.join(datasets.sources())}) when set. Verified files are not fetched again.",
+        "binarize": "Parse the raw files and write train / valid / test splits to paths.processed/<dataset> "
+                    f"({kinds}). Standard splits (data.validation_size and data.test_size null): {splits}.",
+    }
+
 
 EPILOG = """\
 The stages run in this order; `dvc repro` runs them all and skips those that are up to date.
@@ -68,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="print per-epoch lines instead of progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    data_help = _data_help()
     for name, (_, _, summary, text) in STAGES.items():
-        sub.add_parser(name, parents=[common], help=summary, description=text)
+        sub.add_parser(name, parents=[common], help=summary, description=text or data_help[name])
     sweep_data = sub.add_parser(
         "sweep-data", parents=[common], help="the sweep's data: download and binarize one dataset",
         description="Download and binarize DATASET into paths.raw/sweep and paths.processed/sweep with the "

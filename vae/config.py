@@ -189,7 +189,7 @@ class PathsConfig(Section):
 
 def _split_sizes(variant: datasets.Variant) -> str:
     """`` (50000 / 10000 / 10000)``: the examples per split the variant's files hold, if it says."""
-    counts = getattr(variant, "file_counts", None) or {}
+    counts = variant.file_counts
     return f" ({' / '.join(str(counts[split]) for split in datasets.SPLITS if split in counts)})" if counts else ""
 
 

@@ -23,7 +23,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vae.errors import ConfigError
 
@@ -154,7 +154,7 @@ class Dataset:
 
     def panel_title(self, binarization: str) -> str:
         """A figure panel's title: ``MNIST, dynamic binarization``; ``Frey Face`` (grey data)."""
-        return self.title if binarization == "none" else f"{self.title}, {binarization} binarization"
+        return panel_title(self.name, binarization)
 
 
 IWAE = "Burda, Grosse & Salakhutdinov 2016 (IWAE)"
@@ -288,7 +288,9 @@ def comparable(name: str, binarization: str) -> list[Reference]:
     return list(found.references) if found else []
 
 
-def describe() -> dict[str, Any]:
-    """The registry as plain values (for ``--help`` texts and the documentation)."""
-    return {name: {"title": d.title, "image_shape": list(d.image_shape), "binarizations": list(d.binarizations)}
-            for name, d in DATASETS.items()}
+def panel_title(name: str, binarization: str) -> str:
+    """A figure panel's title for a run on ``name`` with ``binarization``: the registry's title
+    (``MNIST, dynamic binarization``; ``Frey Face`` for grey data), or the name itself for a dataset
+    the registry does not know (a run of a tracking store shared with other code)."""
+    title = DATASETS[name].title if name in DATASETS else name
+    return title if binarization == "none" else f"{title}, {binarization} binarization"

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vae import tracking
-from vae.config import DATASETS, Member, Params, data_params, member_params, members, sweep_id, sweep_paths
+from vae import datasets, tracking
+from vae.config import Member, Params, data_params, member_params, members, sweep_id, sweep_paths
 from vae.errors import ConfigError, DataError
 from vae.io import read_json, write_csv, write_json
 
@@ -63,8 +63,8 @@ def run_data(params: Params, dataset: str, progress: bool = True) -> dict[str, i
     """
     from vae import stages
 
-    if dataset not in DATASETS:
-        raise ConfigError(f"sweep-data: dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if dataset not in datasets.DATASETS:
+        raise ConfigError(f"sweep-data: dataset {dataset!r}: expected one of {', '.join(datasets.NAMES)}")
     chosen = data_params(params.sweep, dataset, params.paths)
     stages.download(chosen, progress=progress)
     return stages.binarize(chosen, progress=progress)
@@ -158,7 +158,7 @@ def run_report(params: Params, progress: bool = True) -> dict[str, str]:
         rows.append(row)
         curves.append((member, row, curve))
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    binarization = {dataset: data_params(params.sweep, dataset).data.binarization for dataset in DATASETS}
+    binarization = {dataset: data_params(params.sweep, dataset).data.binarization for dataset in datasets.NAMES}
     runs = []
     for (dataset, latent_dim, algorithm), group in _groups(curves):
         # Seeds share their settings, hence their evaluated passes: the figure shows their mean.

@@ -185,14 +185,6 @@ def _text(value: object) -> str:
     return str(value).replace("$", r"\$")
 
 
-def _panel_title(dataset: str, binarization: str) -> str:
-    """The registry's title (``MNIST, dynamic binarization``); a dataset it does not know (a run of
-    the tracking store from elsewhere) by its name."""
-    if dataset in datasets.DATASETS:
-        return datasets.get(dataset).panel_title(binarization)
-    return dataset if binarization == "none" else f"{dataset}, {binarization} binarization"
-
-
 def _check_runs(runs: list[RunCurves], figure: str) -> None:
     if not runs:
         raise ValueError(f"{figure}: no runs to draw")
@@ -212,7 +204,7 @@ def _bound_axes(axes: plt.Axes, values: list[pd.Series], margin: float, ylabel: 
     axes.grid(True, which="both", alpha=0.3)
     axes.set_xlabel("training examples evaluated")
     axes.set_ylabel(ylabel)
-    axes.set_title(_text(_panel_title(dataset, binarization)), fontsize=10)
+    axes.set_title(_text(datasets.panel_title(dataset, binarization)), fontsize=10)
 
 
 def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
