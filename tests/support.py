@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -28,6 +29,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
+from torch.distributions import MultivariateNormal
 
 if TYPE_CHECKING:  # imported where used, so that tests/conftest.py loads even when vae does not import
     from vae.data.splits import Split
@@ -177,7 +180,9 @@ SMALL = {
     "model": {"latent_dim": 2, "hidden_dim": 64},
     # A checkpoint after every pass: tests/test_interruptions.py kills training after the first.
     "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5, "checkpoint_interval": 0},
-    "evaluate": {"importance_samples": 50, "device": "cpu"},
+    # AIS, BDMC and (latent_dim 2 < 5) App. D at their smallest: each runs, in seconds.
+    "evaluate": {"importance_samples": 50, "device": "cpu", "ais_test_examples": 8, "ais_train_examples": 4,
+                 "ais_temperatures": 20, "bdmc_examples": 4, "appendix_d_samples": 10},
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
 # The latent-size sweep at its smallest: one tiny Frey Face member (tests/test_sweep_e2e.py runs more).
@@ -497,3 +502,97 @@ def shared_pipeline(run: dict) -> Pipeline:
     pipe = Pipeline(Path(run["root"]), Path(run["store"]))
     pipe.first_output = run["first_output"]
     return pipe
+
+
+# --------------------------------------------------------------------------------------------
+# The linear-Gaussian model (probabilistic PCA) and its closed forms (float64)
+# --------------------------------------------------------------------------------------------
+
+
+DTYPE = torch.float64
+
+
+class LinearGaussianModel(nn.Module):
+    """p(z) = N(0, I_k), p(x|z) = N(W z + b, sigma^2 I_D), and a diagonal Gaussian q(z|x).
+
+    The exact posterior is N(M^-1 W^T (x - b), sigma^2 M^-1), M = W^T W + sigma^2 I; it is
+    diagonal, hence representable by q, because W has orthogonal columns. q is that posterior
+    with its mean moved by ``shift`` posterior standard deviations and its variance multiplied by
+    ``inflate`` (shift=0, inflate=1: q is exact).
+    """
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, sigma: float,
+                 shift: float = 0.0, inflate: float = 1.0) -> None:
+        super().__init__()
+        self.W, self.b, self.sigma = W, b, sigma
+        self.W_t = W.T.contiguous()
+        self.shift, self.inflate = shift, inflate
+        k = W.shape[1]
+        self.M = W.T @ W + sigma**2 * torch.eye(k, dtype=W.dtype)
+        posterior_cov = sigma**2 * torch.linalg.inv(self.M)
+        off_diagonal = posterior_cov - torch.diag(torch.diagonal(posterior_cov))
+        assert off_diagonal.abs().max() < 1e-12, "W must have orthogonal columns"
+        self.posterior_var = torch.diagonal(posterior_cov)
+        self.latent_dim = k
+
+    def decoder_sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x|z) = N(W z + b, sigma^2 I): z (..., k) -> (..., D)."""
+        mean = z.to(self.W.dtype) @ self.W_t + self.b
+        return mean + self.sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact p(z|x): mean (batch, k) and variance (batch, k)."""
+        mean = torch.linalg.solve(self.M, self.W.T @ (x - self.b).T).T
+        return mean, self.posterior_var.expand_as(mean)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, var = self.posterior(x)
+        return mean + self.shift * var.sqrt(), torch.log(self.inflate * var)
+
+    def decoder_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        mean = z @ self.W_t + self.b
+        return (-0.5 * ((x - mean) / self.sigma) ** 2 - math.log(self.sigma)
+                - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x) = log N(x; b, W W^T + sigma^2 I), (batch,)."""
+        D = self.W.shape[0]
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(D, dtype=self.W.dtype)
+        return MultivariateNormal(self.b, covariance_matrix=cov).log_prob(x)
+
+    def kl_to_posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z|x)) in closed form, (batch,): log p(x) - ELBO(x)."""
+        q_mean, q_log_var = self.encode(x)
+        p_mean, p_var = self.posterior(x)
+        q_var = q_log_var.exp()
+        return 0.5 * (torch.log(p_var / q_var) + (q_var + (q_mean - p_mean) ** 2) / p_var - 1).sum(-1)
+
+    def chi_square(self, x: torch.Tensor) -> torch.Tensor:
+        """chi^2(p(z|x) || q(z|x)) = Var_q[w] / p(x)^2 with w = p(x, z) / q(z|x), (batch,).
+
+        Per dimension, int p^2/q dz for p = N(m1, v1), q = N(m2, v2) (needs v2 > v1 / 2) is
+        sqrt(v2 / a) / v1 * exp((c^2 / a - 2 m1^2 / v1 + m2^2 / v2) / 2), a = 2/v1 - 1/v2,
+        c = 2 m1/v1 - m2/v2; the dimensions multiply. For large k, L_k has variance ~ chi^2 / k
+        and bias ~ -chi^2 / (2k) (delta method).
+        """
+        q_mean, q_log_var = self.encode(x)
+        m1, v1 = self.posterior(x)
+        m2, v2 = q_mean, q_log_var.exp()
+        a = 2 / v1 - 1 / v2
+        c = 2 * m1 / v1 - m2 / v2
+        log_integral = (0.5 * torch.log(v2 / a) - torch.log(v1)
+                        + 0.5 * (c**2 / a - 2 * m1**2 / v1 + m2**2 / v2)).sum(-1)
+        return log_integral.exp() - 1
+
+
+def make_linear_gaussian(D: int, k: int, examples: int, seed: int = 0, shift: float = 0.0,
+                         inflate: float = 1.0) -> tuple[LinearGaussianModel, torch.Tensor]:
+    """A model with W = Q diag(s) (orthonormal Q, s in [0.5, 2]), sigma = 0.5, and data from it."""
+    g = generator(seed)
+    Q, _ = torch.linalg.qr(torch.randn(D, k, generator=g, dtype=DTYPE))
+    W = Q * (0.5 + 1.5 * torch.rand(k, generator=g, dtype=DTYPE))
+    b = torch.randn(D, generator=g, dtype=DTYPE)
+    sigma = 0.5
+    z = torch.randn(examples, k, generator=g, dtype=DTYPE)
+    x = z @ W.T + b + sigma * torch.randn(examples, D, generator=g, dtype=DTYPE)
+    return LinearGaussianModel(W, b, sigma, shift, inflate), x

@@ -84,6 +84,36 @@ def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
     assert curve[-1].split(",")[1] == str(2 * 2000)
 
 
+def test_metrics_say_how_tight_the_bound_is(pipeline: Pipeline) -> None:
+    """AIS, BDMC and (latent_dim 2) App. D ran on SMALL's images; their per-image numbers add up
+    to the means in metrics.json, AIS sits beside L_k of the same images, and BDMC's bounds come
+    in the right order on average."""
+    import pandas as pd
+
+    metrics = pipeline.json("reports/metrics.json")
+    frame = pd.read_csv(pipeline.root / "reports/ais_per_example.csv")
+    per_example = pd.read_csv(pipeline.root / "reports/log_likelihood_per_example.csv")
+    for split, count in (("test", 8), ("train", 4)):
+        rows = frame[frame["split"] == split]
+        assert metrics[f"{split}_ais_examples"] == count == len(rows)
+        assert metrics[f"{split}_ais_log_likelihood"] == pytest.approx(rows["ais_log_likelihood"].mean(), abs=1e-3)
+        # L_k beside AIS is the evaluate stage's own L_k of the same (first) images.
+        same = per_example[per_example["split"] == split]["log_likelihood"].to_numpy()[:count]
+        assert rows["log_likelihood"].to_numpy() == pytest.approx(same, abs=1e-4)
+        assert metrics[f"{split}_ais_gap"] == pytest.approx(
+            (rows["ais_log_likelihood"] - rows["log_likelihood"]).mean(), abs=1e-3)
+        assert metrics[f"{split}_appendix_d_log_likelihood"] == pytest.approx(
+            rows["appendix_d_log_likelihood"].mean(), abs=1e-3)
+        assert -400 < metrics[f"{split}_ais_log_likelihood"] < 0
+        assert 0 < metrics[f"{split}_ais_acceptance_rate"] <= 1
+    simulated = frame[frame["split"] == "simulated"]
+    assert len(simulated) == metrics["bdmc_examples"] == 4
+    assert metrics["bdmc_gap"] == pytest.approx((simulated["bdmc_upper"] - simulated["bdmc_lower"]).mean(), abs=1e-3)
+    # Reverse AIS bounds log p(x) from above and forward AIS from below, each in expectation.
+    assert metrics["bdmc_upper"] >= metrics["bdmc_lower"] - 3 * metrics["bdmc_gap_stderr"]
+    assert metrics["ais_temperatures"] == 20 and metrics["ais_initial"] == "encoder"
+
+
 def test_checkpoint_loads_through_the_public_api(pipeline: Pipeline) -> None:
     import torch
 
@@ -154,6 +184,13 @@ def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None
     markdown = (pipeline.root / "reports/report.md").read_text()
     assert f"{metrics['test_log_likelihood']:.2f}" in markdown
     assert "(figures/manifold.png)" in markdown
+    for text in (html, markdown):  # the tightness table: AIS beside L_k, BDMC, App. D, Wu et al.
+        assert "How tight is the bound?" in text and "AIS (T = 20)" in text
+        assert f"{metrics['test_ais_log_likelihood']:.2f} ± {metrics['test_ais_log_likelihood_stderr']:.2f}" in text
+        assert f"{metrics['test_ais_gap']:.2f} ± {metrics['test_ais_gap_stderr']:.2f}" in text
+        assert f"{metrics['test_appendix_d_log_likelihood']:.2f}" in text
+        assert f"their gap, {metrics['bdmc_gap']:.2f} ± {metrics['bdmc_gap_stderr']:.2f} nats" in text
+        assert "Wu, Burda, Salakhutdinov" in text and "-85.62" in text
 
 
 def _keys(tree: object) -> set[str]:

@@ -447,3 +447,45 @@ def test_static_mnist_is_set_beside_static_numbers_only(tmp_path, monkeypatch) -
     assert "digit" not in captions["figures/latent_space.png"] and "latent_dim" not in captions["figures/latent_space.png"]
     assert "Runs shown: 0." in captions["figures/lower_bound_runs.png"]
     assert "figures/samples.png" not in captions  # Figure 5 shows the same draws
+
+
+TIGHTNESS = {
+    "ais_temperatures": 200, "ais_chains": 16, "ais_leapfrog_steps": 10, "ais_initial": "encoder",
+    "ais_schedule": "sigmoid", "ais_seconds": 41.0,
+    "test_ais_examples": 32, "test_ais_log_likelihood": -90.6609, "test_ais_log_likelihood_stderr": 4.9662,
+    "test_ais_bound": -91.8278, "test_ais_elbo": -96.948, "test_ais_gap": 1.1669, "test_ais_gap_stderr": 0.2103,
+    "test_ais_acceptance_rate": 0.86,
+    "bdmc_examples": 16, "bdmc_lower": -111.7467, "bdmc_upper": -111.5976, "bdmc_gap": 0.1491,
+    "bdmc_gap_stderr": 0.1422,
+}
+
+
+def test_tightness_table_sets_ais_beside_the_bound_in_both_formats(tmp_path, monkeypatch) -> None:
+    """With AIS and BDMC in metrics.json the results show ELBO, L_k, AIS and the gap per split, the
+    BDMC bounds in a sentence, and Wu et al.'s estimators; App. D is '-' for latent_dim 20 and the
+    caption says why. Without them (a run before AIS, or every count 0) the section is absent."""
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    params = _write_inputs(reports, metrics={**METRICS, **TIGHTNESS})
+    report.run(params, progress=False)
+    html, markdown = (reports / "report.html").read_text(), (reports / "report.md").read_text()
+    heading = "How tight is the bound? ELBO ≤ L_k ≤ AIS ≤ log p(x), in expectation"
+    rows = md_table(markdown, "### " + heading.replace("_", "\\_"))
+    assert rows == [["test (32 images)", "-96.95", "-91.83", "-90.66 ± 4.97", "1.17 ± 0.21", "-"]]
+    assert rows == html_table(html, heading)
+    references = html_table(html, "nats per image, bounds how far AIS")
+    assert ["Wu, Burda, Salakhutdinov & Grosse 2017, Table 1", "IWAE's MNIST VAE (Burda et al. 2016), "
+            "10000 test images", "binarized MNIST", "AIS from the prior, T = 10000, 16 chains", "-85.62"] in references
+    for text in (html_text.unescape(html), markdown.replace("\\", "")):
+        assert "forward AIS gives -111.75 and reverse AIS, started at each image's true z, -111.60" in text
+        assert "their gap, 0.15 ± 0.14 nats per image" in text
+        assert "reliable only for fewer than 5 latent dimensions (latent_dim = 20)" in text
+        assert "T = 200 (sigmoid schedule), 16 chains, 10 leapfrog steps" in text
+    assert report.tightness_context(METRICS) is None
+    assert "How tight" not in _rerun_without(reports, params)
+
+
+def _rerun_without(reports, params) -> str:
+    (reports / "metrics.json").write_text(json.dumps(METRICS))
+    report.run(params, progress=False)
+    return (reports / "report.md").read_text()

@@ -50,6 +50,8 @@ Objective = Literal["elbo", "iwae"]
 Schedule = Literal["constant", "iwae"]
 Device = Literal["auto", "cpu", "cuda"]
 Projection = Literal["pca", "tsne"]
+AISInitial = Literal["prior", "encoder"]
+AISSchedule = Literal["sigmoid", "linear"]
 SweepSize = Literal["quick", "full"]
 DatasetName = Literal[datasets.NAMES]  # type: ignore[valid-type]  # from the registry
 Binarization = Literal[datasets.BINARIZATIONS]  # type: ignore[valid-type]
@@ -80,6 +82,7 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0), BeforeValidator(_no_bool)]  # finite: allow_inf_nan=False below
+Rate = Annotated[float, Field(gt=0, lt=1), BeforeValidator(_no_bool)]  # strictly between 0 and 1
 UNIQUE = {"uniqueItems": True}  # a list's schema: each value once
 
 
@@ -173,6 +176,10 @@ class PathsConfig(Section):
     @property
     def per_example(self) -> Path:
         return Path(self.reports) / "log_likelihood_per_example.csv"
+
+    @property
+    def ais_per_example(self) -> Path:
+        return Path(self.reports) / "ais_per_example.csv"
 
     @property
     def elbo_curve(self) -> Path:
@@ -352,6 +359,34 @@ class EvaluateConfig(Section):
     active_unit_threshold: PositiveFloat = Field(
         0.01, description="A latent unit is active when the variance of its posterior mean over the test set "
                           "exceeds this.")
+    # Annealed importance sampling (Wu et al. 2017), BDMC (Grosse et al. 2015), AEVB App. D: vae/mcmc.py.
+    ais_test_examples: Int | None = Field(
+        32, ge=0, description="The first test images given an AIS estimate, beside L_k on the same images "
+                              "(0: no AIS; null: all). Wu et al. 2017: all 10000.")
+    ais_train_examples: Int = Field(
+        16, ge=0, description="The first of the train_examples training images given an AIS estimate (0: none).")
+    ais_temperatures: PositiveInt = Field(
+        200, description="T, intermediate distributions between the initial distribution and the posterior "
+                         "(Wu et al. 2017: 10000; 1000 is within 0.06 nats of it on their model).")
+    ais_schedule: AISSchedule = Field(
+        "sigmoid", description="sigmoid (Grosse et al. 2015, as Wu et al.) or linear inverse temperatures.")
+    ais_chains: PositiveInt = Field(16, description="AIS chains per image; the estimate is their log-mean-exp "
+                                                    "(Wu et al.: 16).")
+    ais_leapfrog_steps: PositiveInt = Field(10, description="Leapfrog steps of the one HMC trajectory per "
+                                                            "intermediate distribution (Wu et al.: 10).")
+    ais_initial: AISInitial = Field(
+        "encoder", description="The path's initial distribution: prior (N(0, I), Wu et al.'s AIS) or encoder "
+                               "(q(z|x), their 'AIS + encoder', tighter at few temperatures).")
+    ais_target_acceptance: Rate = Field(
+        0.65, description="Acceptance rate each chain's HMC step size adapts toward (Wu et al.: 0.65).")
+    bdmc_examples: Int = Field(
+        16, ge=0, description="Images simulated from the model (z ~ p(z), x ~ p(x|z)) whose forward and reverse AIS "
+                              "bound log p(x) from both sides; the gap bounds AIS's error (0: no BDMC).")
+    appendix_d_samples: PositiveInt = Field(
+        50, description="Posterior samples per image of AEVB's App. D estimator, reported when latent_dim <= 4 on "
+                        "the AIS images (App. E: 50).")
+    appendix_d_leapfrog_steps: PositiveInt = Field(
+        4, description="Leapfrog steps per HMC trajectory of the App. D estimator (App. E: 4).")
 
     @property
     def curve(self) -> list[int]:
@@ -377,12 +412,14 @@ class VisualizeConfig(Section):
 SWEEP_FIXED = {"data": ("dataset",), "model": ("latent_dim",), "train": ("algorithm", "seed")}
 SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
 
+# Figure 2's members report L_k only: AIS and BDMC belong to the main model's report.
+SWEEP_WITHOUT_AIS = {"ais_test_examples": 0, "ais_train_examples": 0, "bdmc_examples": 0}
 DEFAULT_SWEEP_SETTINGS = {
     dataset: {"data": data, "model": {"hidden_dim": 200},
               "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "checkpoint_interval": 0,
                         "device": "cpu"},
               "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
-                           "device": "cpu"}}
+                           "device": "cpu", **SWEEP_WITHOUT_AIS}}
     for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
                           ("frey", {"binarization": "none"}))}
 # A dataset the sweep does not use by default: no latent size, and its default binarization.

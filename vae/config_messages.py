@@ -93,19 +93,25 @@ def type_name(annotation: Any) -> str:
 
 
 def _bound(annotation: Any, metadata: list) -> str:
-    """``> 0`` or ``>= 0``: the numeric constraint in a field's metadata or nested annotations."""
+    """``> 0``, ``>= 0`` or ``> 0 and < 1``: the numeric constraints in a field's metadata or nested
+    annotations (the lower bound first)."""
     stack = [annotation, *metadata]
+    lower = upper = None
     while stack:
         item = stack.pop()
         if isinstance(item, annotated_types.Gt):
-            return f"> {item.gt}"
-        if isinstance(item, annotated_types.Ge):
-            return f">= {item.ge}"
+            lower = lower or f"> {item.gt}"
+        elif isinstance(item, annotated_types.Ge):
+            lower = lower or f">= {item.ge}"
+        elif isinstance(item, annotated_types.Lt):
+            upper = upper or f"< {item.lt}"
+        elif isinstance(item, annotated_types.Le):
+            upper = upper or f"<= {item.le}"
         if hasattr(item, "metadata") and isinstance(item.metadata, list):  # FieldInfo inside Annotated
             stack.extend(item.metadata)
         stack.extend(getattr(item, "__metadata__", ()))
         stack.extend(typing.get_args(item))
-    return "> 0"
+    return " and ".join(part for part in (lower or "> 0", upper) if part)
 
 
 def _accepts_float(annotation: Any) -> bool:
@@ -115,7 +121,8 @@ def _accepts_float(annotation: Any) -> bool:
     return annotation is float
 
 
-RANGE_ERRORS = {"greater_than", "greater_than_equal", "finite_number", "too_short", CUSTOM}
+RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number", "too_short",
+                CUSTOM}
 
 
 def field_problem(cls: type[BaseModel], name: str, value: Any, errors: list[dict]) -> str:

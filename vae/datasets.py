@@ -77,6 +77,21 @@ class Reference:
     log_likelihood: float
 
 
+@dataclass(frozen=True)
+class EstimatorReference:
+    """One published estimate of how tight a bound is: a model's test log-likelihood by one
+    estimator (``estimator``: AIS with T intermediate distributions, the IWAE bound at k, ...),
+    nats per example. The gaps between a paper's estimators are what a run's own gaps compare
+    with; the absolute numbers only where model and binarization agree."""
+
+    source: str
+    where: str
+    model: str
+    binarization: str
+    estimator: str
+    log_likelihood: float
+
+
 Parser = Callable[[Path, Path, "DataConfig"], dict[str, int]]
 
 
@@ -118,7 +133,8 @@ class Dataset:
     (``input_dim`` = height x width). ``validation_size`` and ``test_size`` are the standard split
     sizes used when ``data.validation_size`` / ``data.test_size`` are null; ``fixed_test``: the test
     set is the upstream one (``data.test_size`` must stay null). ``split`` describes the
-    standard split in words for messages and the report.
+    standard split in words for messages and the report. ``estimator_references``: published
+    estimates of log p(x) by several estimators on one model (how far L_k sits below AIS).
     """
 
     name: str
@@ -129,6 +145,7 @@ class Dataset:
     fixed_test: bool
     split: str
     variants: dict[str, Variant] = field(default_factory=dict)
+    estimator_references: tuple[EstimatorReference, ...] = ()
 
     @property
     def input_dim(self) -> int:
@@ -162,10 +179,19 @@ IWAE_SETUP = "784-200-200-50 tanh encoder, mirrored decoder; Adam, batch 20, 328
 IWAE_SETUP_2L = ("2 stochastic layers (100 and 50 units) with tanh layers 200-200 and 100-100 between; "
                  "Adam, batch 20, 3280 passes")
 
+WU = "Wu, Burda, Salakhutdinov & Grosse 2017"
+WU_MODEL = "IWAE's MNIST VAE (Burda et al. 2016), 10000 test images"
+WU_BINARIZATION = "binarized MNIST"
+WU_TABLE_1 = tuple(EstimatorReference(WU, "Table 1", WU_MODEL, WU_BINARIZATION, estimator, value) for estimator, value in (
+    ("AIS from the prior, T = 1000, 16 chains", -85.679), ("AIS from the prior, T = 10000, 16 chains", -85.619),
+    ("AIS from the encoder, T = 100", -85.754), ("AIS from the encoder, T = 1000", -85.621),
+    ("IWAE bound, k = 10^4", -86.902), ("IWAE bound, k = 10^5", -86.464)))
+
 MNIST = Dataset(
     name="mnist", title="MNIST", image_shape=(28, 28),
     validation_size=10000, test_size=10000, fixed_test=True,
     split="10000 validation images from the 60000 training ones, the 10000 test images",
+    estimator_references=WU_TABLE_1,
     variants={
         "dynamic": Variant(
             binarization="dynamic",
@@ -286,6 +312,13 @@ def comparable(name: str, binarization: str) -> list[Reference]:
     entry = DATASETS.get(name)
     found = entry.variants.get(binarization) if entry else None
     return list(found.references) if found else []
+
+
+def estimator_references(name: str) -> list[EstimatorReference]:
+    """Published estimates of log p(x) by several estimators for a model of dataset ``name``
+    (none for a dataset without any, or an unknown name)."""
+    entry = DATASETS.get(name)
+    return list(entry.estimator_references) if entry else []
 
 
 def panel_title(name: str, binarization: str) -> str:

@@ -11,6 +11,11 @@ Writes (paths under ``paths.reports``):
 - ``bound_curve.csv`` (DVC plot): k, L_k and its standard error, test and train.
 - ``log_likelihood_per_example.csv``: each evaluated example's L_k and ELBO (for the histogram).
 - ``active_units.json``: the per-unit variances A_u.
+- ``ais_per_example.csv``: how tight L_k is (:mod:`vae.mcmc`): on the first ``ais_test_examples``
+  test and ``ais_train_examples`` training images, each image's AIS estimate (Wu et al. 2017)
+  beside its L_k and ELBO (and AEVB's App. D estimate when latent_dim <= 4); on ``bdmc_examples``
+  images simulated from the model, the BDMC lower and upper bounds (Grosse et al. 2015). Their
+  means, standard errors and the gaps (AIS - L_k, upper - lower) go into ``metrics.json``.
 
 All values in nats per example. Then logs them to the pipeline's MLflow run and registers the
 model as a new version of ``vae-<dataset>``.
@@ -26,8 +31,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vae import objectives, registry, tracking
-from vae.config import Params
+from vae import mcmc, objectives, registry, tracking
+from vae.config import EvaluateConfig, Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
 from vae.io import read_json, write_csv, write_json
@@ -60,6 +65,90 @@ def evaluate_split(model: VAE, x: torch.Tensor, importance_samples: int, curve: 
                            {k: v.cpu() for k, v in estimate.curve.items()})
 
 
+def _ais_settings(config: EvaluateConfig, model: VAE) -> dict:
+    """:func:`vae.mcmc.ais`'s keyword arguments from the ``evaluate`` section."""
+    return {"temperatures": config.ais_temperatures, "schedule": config.ais_schedule, "chains": config.ais_chains,
+            "leapfrog_steps": config.ais_leapfrog_steps, "initial": config.ais_initial,
+            "target_acceptance": config.ais_target_acceptance,
+            "max_pairs": mcmc.pairs_for_budget(model, config.memory_budget_mb)}
+
+
+def _paired(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
+    """Mean of first - second over examples and its standard error (paired; NaN for one example)."""
+    return SplitEvaluation.mean_and_stderr(first.double() - second.double())
+
+
+def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor],
+              results: dict[str, SplitEvaluation], progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """How far L_k sits below log p(x): AIS on the first images of each split, beside L_k and the
+    ELBO of the same images; BDMC on images simulated from the model; App. D when latent_dim <= 4.
+
+    Args:
+        images: split name -> (N, D) images on the model's device, the first of which get AIS
+            (``ais_test_examples`` of ``test``, ``ais_train_examples`` of ``train``).
+        results: the same splits' :class:`SplitEvaluation` (L_k and the ELBO per example).
+    Returns:
+        (metrics, per-example frame): ``{split}_ais_log_likelihood`` (and ``_stderr``),
+        ``{split}_ais_bound`` (L_k on the same images), ``{split}_ais_elbo``, ``{split}_ais_gap``
+        (AIS - L_k, paired, and ``_stderr``), ``{split}_appendix_d_log_likelihood`` when it
+        applies, ``bdmc_lower``, ``bdmc_upper``, ``bdmc_gap`` (and ``_stderr``), the settings and
+        the seconds; all nats per example. Empty when every count is 0.
+    """
+    counts = {"test": config.ais_test_examples, "train": config.ais_train_examples}
+    counts = {split: len(images[split]) if count is None else min(count, len(images[split]))
+              for split, count in counts.items()}
+    if not any(counts.values()) and not config.bdmc_examples:
+        return {}, pd.DataFrame(columns=["split", "index", "ais_log_likelihood", "log_likelihood", "elbo"])
+    settings = _ais_settings(config, model)
+    started = time.perf_counter()
+    metrics: dict = {"ais_temperatures": config.ais_temperatures, "ais_chains": config.ais_chains,
+                     "ais_leapfrog_steps": config.ais_leapfrog_steps, "ais_initial": config.ais_initial,
+                     "ais_schedule": config.ais_schedule}
+    frames = []
+    with_appendix_d = model.latent_dim <= mcmc.APPENDIX_D_MAX_LATENT_DIM
+    total = (sum(counts.values()) + 2 * config.bdmc_examples) * config.ais_temperatures
+    with tqdm(total=total, desc=f"AIS (T = {config.ais_temperatures})", unit="image-step", unit_scale=True,
+              disable=not progress) as bar:
+        for offset, (split, count) in enumerate(counts.items()):
+            if not count:
+                continue
+            x = images[split][:count]
+            estimate = mcmc.ais(model, x, seed=config.seed + 10 + offset, on_step=bar.update, **settings)
+            ais_ll = estimate.log_likelihood.cpu()
+            bound, elbo = results[split].log_likelihood[:count], results[split].elbo[:count]
+            mean, stderr = estimate.mean_and_stderr()
+            gap, gap_stderr = _paired(ais_ll, bound)
+            metrics |= {f"{split}_ais_examples": count, f"{split}_ais_log_likelihood": round(mean, 4),
+                        f"{split}_ais_log_likelihood_stderr": round(stderr, 4),
+                        f"{split}_ais_bound": round(SplitEvaluation.mean_and_stderr(bound)[0], 4),
+                        f"{split}_ais_elbo": round(SplitEvaluation.mean_and_stderr(elbo)[0], 4),
+                        f"{split}_ais_gap": round(gap, 4), f"{split}_ais_gap_stderr": round(gap_stderr, 4),
+                        f"{split}_ais_acceptance_rate": round(float(estimate.acceptance_rate.mean()), 4)}
+            frame = pd.DataFrame({"split": split, "index": range(count), "ais_log_likelihood": ais_ll.numpy(),
+                                  "log_likelihood": bound.numpy(), "elbo": elbo.numpy()})
+            if with_appendix_d:
+                appendix_d = mcmc.appendix_d_log_likelihood(
+                    model, x, config.appendix_d_samples, leapfrog_steps=config.appendix_d_leapfrog_steps,
+                    initial="encoder", seed=config.seed + 20 + offset, max_pairs=settings["max_pairs"])
+                mean, stderr = appendix_d.mean_and_stderr()
+                metrics |= {f"{split}_appendix_d_log_likelihood": round(mean, 4),
+                            f"{split}_appendix_d_log_likelihood_stderr": round(stderr, 4)}
+                frame["appendix_d_log_likelihood"] = appendix_d.log_likelihood.cpu().numpy()
+            frames.append(frame)
+        if config.bdmc_examples:
+            bounds = mcmc.bdmc(model, config.bdmc_examples, seed=config.seed + 30, device=images["test"].device,
+                               on_step=bar.update, **settings)
+            metrics |= {"bdmc_examples": config.bdmc_examples,
+                        "bdmc_lower": round(float(bounds.lower.double().mean()), 4),
+                        "bdmc_upper": round(float(bounds.upper.double().mean()), 4),
+                        "bdmc_gap": round(bounds.gap, 4), "bdmc_gap_stderr": round(bounds.gap_stderr, 4)}
+            frames.append(pd.DataFrame({"split": "simulated", "index": range(config.bdmc_examples),
+                                        "bdmc_lower": bounds.lower.cpu().numpy(),
+                                        "bdmc_upper": bounds.upper.cpu().numpy()}))
+    metrics["ais_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, pd.concat(frames, ignore_index=True)
+
+
 def _encode_means(model: VAE, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model.encode(x[i : i + 10000])[0] for i in range(0, len(x), 10000)])
@@ -87,6 +176,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                                        "train", progress)}
     seconds = time.perf_counter() - started
     active, variances = objectives.active_units(_encode_means(model, test_x), config.active_unit_threshold)
+    tight, tight_frame = tightness(model, config, {"test": test_x, "train": train_x}, results, progress)
 
     test_ll, test_se = SplitEvaluation.mean_and_stderr(results["test"].log_likelihood)
     train_ll, train_se = SplitEvaluation.mean_and_stderr(results["train"].log_likelihood)
@@ -112,6 +202,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         "train_elbo": round(summary["train_elbo"], 4), "valid_elbo": round(summary["valid_elbo"], 4),
         "active_units": active,
         "bound_curve": {str(r["k"]): round(r["test_log_likelihood"], 4) for r in rows},
+        **tight,
         "train_seconds": summary["train_seconds"], "evaluate_seconds": round(seconds, 2),
     }
     per_example = pd.concat([
@@ -124,19 +215,31 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         write_json(paths.metrics, metrics)
         write_csv(paths.bound_curve, curve_frame)
         write_csv(paths.per_example, per_example)
+        write_csv(paths.ais_per_example, tight_frame)
         write_json(paths.unit_variances, {"threshold": config.active_unit_threshold,
                                           "unit_variances": [round(float(v), 6) for v in variances]})
         pairs = (len(test_x) + train_count) * k
+        if "test_ais_log_likelihood" in tight:
+            print(f"AIS (T = {config.ais_temperatures}, {config.ais_chains} chains, from the {config.ais_initial}) on "
+                  f"{tight['test_ais_examples']} test images: {tight['test_ais_log_likelihood']:.2f} +- "
+                  f"{tight['test_ais_log_likelihood_stderr']:.2f} nats, {tight['test_ais_gap']:.2f} +- "
+                  f"{tight['test_ais_gap_stderr']:.2f} above their L_{k}", flush=True)
+        if "bdmc_gap" in tight:
+            print(f"BDMC on {tight['bdmc_examples']} simulated images: log p(x) between {tight['bdmc_lower']:.2f} and "
+                  f"{tight['bdmc_upper']:.2f} (gap {tight['bdmc_gap']:.2f} +- {tight['bdmc_gap_stderr']:.2f} nats)",
+                  flush=True)
         print(f"test L_{k} = {test_ll:.2f} +- {test_se:.2f} nats, test ELBO {metrics['test_elbo']:.2f}; "
               f"train L_{k} = {train_ll:.2f} +- {train_se:.2f} on {train_count} images "
               f"(gap {train_ll - test_ll:.2f}); {active} active units; "
               f"{pairs / seconds:,.0f} importance samples/s on {describe(device)}", flush=True)
         numbers = {key: value for key, value in metrics.items()
-                   if key.startswith(("test_", "train_log", "train_test")) or key in ("active_units", "evaluate_seconds")}
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and (key.startswith(("test_", "train_log", "train_test", "train_ais", "train_appendix", "bdmc_"))
+                        or key in ("active_units", "evaluate_seconds", "ais_seconds"))}
         tracker.log_metrics(numbers)
         tracker.log_history({f"{split}_log_likelihood_curve": [(int(r["k"]), r[f"{split}_log_likelihood"]) for r in rows]
                              for split in results})
-        for path in (paths.metrics, paths.bound_curve, paths.per_example):
+        for path in (paths.metrics, paths.bound_curve, paths.per_example, paths.ais_per_example):
             tracker.log_artifact(path, "evaluation")
         version = None if not register else tracker.log_model(
             model.cpu(), f"vae-{summary['dataset']}",

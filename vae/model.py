@@ -157,6 +157,48 @@ class VAE(nn.Module):
             return objectives.gaussian_log_prob_(x, logits.sigmoid_(), log_var)
         return objectives.bernoulli_log_prob_(x, logits)
 
+    @torch.no_grad()
+    def decoder_log_prob_and_grad(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x|z) and grad_z log p(x|z) in closed form, for HMC and AIS (:mod:`vae.mcmc`).
+
+        One forward and one backward-to-input pass through the decoder's matrices, no autograd
+        graph: with h_i = tanh(a_i) the hidden layers and l the logits, the Bernoulli decoder has
+        d log p / d l = x - sigmoid(l); the Gaussian one, with m = sigmoid(l) and r = x - m,
+        d/dl = r exp(-log_var) m (1 - m) and d/d log_var = (r^2 exp(-log_var) - 1) / 2; then
+        back through each layer, d/da_i = d/dh_i (1 - h_i^2).
+
+        Shapes: x (n, D), z (..., n, latent_dim) -> ((..., n), (..., n, latent_dim)); nats.
+        """
+        flat = z.reshape(-1, self.latent_dim)
+        layers = list(self.decoder[:-1:2])  # the Linear of each (Linear, Tanh) pair
+        hiddens = []
+        hidden = flat
+        for layer in layers:
+            hidden = torch.addmm(layer.bias, hidden, layer.weight.t()).tanh_()
+            hiddens.append(hidden)
+        last = self.decoder[-1]
+        shape = (*z.shape[:-1], self.input_dim)
+        logits = torch.addmm(last.bias, hidden, last.weight.t()).view(shape)
+        if self.likelihood == "bernoulli":
+            value = (logits * x).sum(-1) - torch.nn.functional.softplus(logits).sum(-1)
+            grad_output = torch.sigmoid(logits).neg_().add_(x)
+            grad_hidden = grad_output.view(-1, self.input_dim) @ last.weight
+        else:
+            head = self.decoder_log_var
+            log_var = torch.addmm(head.bias, hidden, head.weight.t()).view(shape)
+            mean = logits.sigmoid_()
+            precision = log_var.neg().exp_()
+            residual = x - mean
+            weighted = residual * precision
+            value = -0.5 * (self.input_dim * objectives.LOG_2PI + log_var.sum(-1) + (residual * weighted).sum(-1))
+            grad_logits = weighted.mul_(mean).mul_(1.0 - mean)
+            grad_log_var = residual.mul_(residual).mul_(precision).sub_(1.0).mul_(0.5)
+            grad_hidden = (grad_logits.view(-1, self.input_dim) @ last.weight
+                           + grad_log_var.view(-1, self.input_dim) @ head.weight)
+        for layer, hidden in zip(reversed(layers), reversed(hiddens), strict=True):
+            grad_hidden = (grad_hidden * (1.0 - hidden * hidden)) @ layer.weight
+        return value, grad_hidden.view(z.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample ELBO per example (the training objective, unchecked input), nats."""
         return objectives.elbo(self, x)

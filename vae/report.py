@@ -291,12 +291,38 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
             "rows": rows}, []
 
 
+def tightness_context(m: dict) -> dict | None:
+    """How tight the run's L_k is, from ``metrics.json`` (:func:`vae.evaluate.tightness`): None
+    when the evaluate stage ran no AIS and no BDMC; else ``splits`` (per split with AIS: images,
+    ELBO, L_k, AIS and its s.e., AIS - L_k and its s.e., App. D and its s.e. or None, acceptance
+    rate), ``bdmc`` (images, lower, upper, gap, its s.e.; or None), the AIS settings, k,
+    ``latent_dim``, ``seconds`` and ``references`` (the registry's estimator references for the
+    dataset). Nats per example."""
+    splits = [{"split": split, "examples": m[f"{split}_ais_examples"], "elbo": m[f"{split}_ais_elbo"],
+               "bound": m[f"{split}_ais_bound"], "ais": m[f"{split}_ais_log_likelihood"],
+               "ais_stderr": m[f"{split}_ais_log_likelihood_stderr"], "gap": m[f"{split}_ais_gap"],
+               "gap_stderr": m[f"{split}_ais_gap_stderr"],
+               "appendix_d": m.get(f"{split}_appendix_d_log_likelihood"),
+               "appendix_d_stderr": m.get(f"{split}_appendix_d_log_likelihood_stderr"),
+               "acceptance_rate": m.get(f"{split}_ais_acceptance_rate")}
+              for split in ("test", "train") if f"{split}_ais_log_likelihood" in m]
+    bdmc = ({key: m[f"bdmc_{key}"] for key in ("examples", "lower", "upper", "gap", "gap_stderr")}
+            if "bdmc_gap" in m else None)
+    if not splits and bdmc is None:
+        return None
+    return {"splits": splits, "bdmc": bdmc, "importance_samples": m["importance_samples"],
+            "latent_dim": m["latent_dim"], "seconds": m.get("ais_seconds"),
+            **{key: m[f"ais_{key}"] for key in ("temperatures", "chains", "leapfrog_steps", "initial", "schedule")},
+            "references": [vars(ref) for ref in datasets.estimator_references(m["dataset"])]}
+
+
 def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
     """Everything the templates show, as plain data (numbers, names, flags and lists of them; the
     sentences are the templates'): ``data`` (the dataset as the registry :mod:`vae.datasets`
     describes it, and this run's split sizes), ``model``, ``training`` (:func:`_training_data`),
     ``run``, ``evaluation``, ``results`` (nats per example), ``references`` (the registry's
-    published numbers for this dataset and binarization), ``figures`` and ``figure_runs``
+    published numbers for this dataset and binarization), ``tightness`` (:func:`tightness_context`),
+    ``figures`` and ``figure_runs``
     (:func:`_figures`), ``projection``, ``sweep`` and ``sweep_missing`` (:func:`sweep_section`),
     ``provenance``, ``params_yaml`` and ``generated`` (UTC).
 
@@ -335,6 +361,7 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         "evaluation": {"importance_samples": k, "test_examples": m["test_examples"],
                        "train_examples": m["train_examples_evaluated"], "seconds": m["evaluate_seconds"]},
         "results": results, "references": datasets.comparable(m["dataset"], m["binarization"]),
+        "tightness": tightness_context(m),
         "figures": figures, "figure_runs": figure_runs, "projection": params.visualize.projection,
         "sweep": sweep, "sweep_missing": sweep_missing,
         "provenance": {
