@@ -175,14 +175,15 @@ def write_processed(folder: Path, train_count: int = 1200, dim: int = 784) -> Pa
 # The pipeline in a temporary copy of the repository
 # --------------------------------------------------------------------------------------------
 
+# AIS, BDMC and (for latent_dim < 5) App. D at their smallest: each runs, in seconds.
+SMALL_AIS = {"ais_test_examples": 8, "ais_train_examples": 4, "ais_temperatures": 20, "bdmc_examples": 4,
+             "appendix_d_samples": 10}
 SMALL = {
     "data": {"train_subset": 2000, "eval_subset": 500},
     "model": {"latent_dim": 2, "hidden_dim": 64},
     # A checkpoint after every pass: tests/test_interruptions.py kills training after the first.
     "train": {"epochs": 2, "elbo_eval_size": 500, "device": "cpu", "log_interval": 5, "checkpoint_interval": 0},
-    # AIS, BDMC and (latent_dim 2 < 5) App. D at their smallest: each runs, in seconds.
-    "evaluate": {"importance_samples": 50, "device": "cpu", "ais_test_examples": 8, "ais_train_examples": 4,
-                 "ais_temperatures": 20, "bdmc_examples": 4, "appendix_d_samples": 10},
+    "evaluate": {"importance_samples": 50, "device": "cpu", **SMALL_AIS},
     "visualize": {"latent_points": 500, "manifold_grid": 8},
 }
 # The latent-size sweep at its smallest: one tiny Frey Face member (tests/test_sweep_e2e.py runs more).

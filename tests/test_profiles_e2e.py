@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 
 SHORT = ["train.training_samples=30000", "train.step_size_selection_samples=3000", "train.curve_points=10",
          "train.device=cpu", "evaluate.importance_samples=50", "evaluate.train_examples=300",
-         "evaluate.device=cpu", "visualize.manifold_grid=6"]
+         "evaluate.device=cpu", "evaluate.ais_test_examples=8", "evaluate.ais_train_examples=4",
+         "evaluate.ais_temperatures=20", "evaluate.bdmc_examples=4", "evaluate.appendix_d_samples=10",
+         "visualize.manifold_grid=6"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,10 @@ def test_frey_data_split_and_metrics(frey: Pipeline) -> None:
     assert metrics["examples_seen"] == 30000
     # A density of grey values: finite, and L_50 above the ELBO on average over 200 faces.
     assert metrics["test_log_likelihood"] > metrics["test_elbo"]
+    # AIS, BDMC and App. D (latent_dim 2) ran through the Gaussian decoder's closed-form gradient.
+    assert metrics["test_ais_examples"] == 8 and metrics["bdmc_examples"] == 4
+    for key in ("test_ais_log_likelihood", "test_appendix_d_log_likelihood", "bdmc_lower", "bdmc_upper"):
+        assert abs(metrics[key]) < 1e4, (key, metrics[key])
 
 
 def test_step_size_selection_and_prior_recorded(frey: Pipeline) -> None:

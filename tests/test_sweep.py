@@ -231,6 +231,7 @@ def test_member_params_are_defaults_with_settings_and_member_values():
     config = sweep_params(seeds=[0, 2]).sweep
     chosen = sweep.member_params(config, MEMBER).to_dict()
     expected = Params().to_dict()
+    expected["evaluate"].update(ais_test_examples=0, ais_train_examples=0, bdmc_examples=0)  # off unless asked
     for section, values in config.settings["mnist"].items():
         expected[section].update(values)
     expected["data"]["dataset"] = "mnist"
@@ -239,6 +240,12 @@ def test_member_params_are_defaults_with_settings_and_member_values():
     for section in ("data", "model", "train", "evaluate", "visualize"):
         assert chosen[section] == expected[section], section
     assert chosen["profile"] == "sweep-quick"
+
+
+def test_a_member_runs_ais_only_where_its_settings_ask():
+    config = params_from_dict(with_settings("mnist", "evaluate", ais_test_examples=4, ais_temperatures=50)).sweep
+    chosen = sweep.member_params(config, MEMBER).evaluate
+    assert (chosen.ais_test_examples, chosen.ais_temperatures, chosen.bdmc_examples) == (4, 50, 0)
 
 
 def test_member_paths_are_under_the_sweep_folders():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import free_port, running_mlflow_server, write_processed
+from support import SMALL_AIS, free_port, running_mlflow_server, write_processed
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,8 @@ VAE = str(Path(sys.executable).parent / "vae")
 PARAMS = {
     "model": {"hidden_dim": 32, "latent_dim": 2},
     "train": {"epochs": 2, "batch_size": 50, "elbo_eval_size": 100, "device": "cpu", "checkpoint_interval": 0},
-    "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 100, "device": "cpu"},
+    "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 100, "device": "cpu",
+                 **SMALL_AIS},
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support import small_model
+from support import SMALL_AIS, small_model
 from vae import datasets, evaluate, tracking, train, visualize
 from vae.config import VisualizeConfig, params_from_dict
 from vae.data.splits import Split
@@ -187,7 +187,8 @@ def test_stage_draws_every_figure_after_tiny_train_and_evaluate(tmp_path: Path, 
         "data": {"dataset": dataset, "binarization": "none" if frey else "dynamic"},
         "model": {"latent_dim": 2, "hidden_dim": 16},
         "train": {"epochs": 2, "batch_size": 50, "elbo_eval_size": 100, "device": "cpu", "log_interval": 2},
-        "evaluate": {"importance_samples": 5, "bound_curve": [1, 5], "train_examples": 40, "device": "cpu"},
+        "evaluate": {"importance_samples": 5, "bound_curve": [1, 5], "train_examples": 40, "device": "cpu",
+                     **SMALL_AIS},
         "visualize": {"samples_grid": 3, "reconstructions": 4, "manifold_grid": 4, "latent_points": 60}})
     train.run(params, progress=False)
     evaluate.run(params, progress=False)

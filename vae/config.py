@@ -412,14 +412,15 @@ class VisualizeConfig(Section):
 SWEEP_FIXED = {"data": ("dataset",), "model": ("latent_dim",), "train": ("algorithm", "seed")}
 SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
 
-# Figure 2's members report L_k only: AIS and BDMC belong to the main model's report.
+# Figure 2's members report L_k: AIS and BDMC (minutes per member) belong to the main model's report,
+# so a member runs them only where its settings ask (evaluate.ais_test_examples, ...).
 SWEEP_WITHOUT_AIS = {"ais_test_examples": 0, "ais_train_examples": 0, "bdmc_examples": 0}
 DEFAULT_SWEEP_SETTINGS = {
     dataset: {"data": data, "model": {"hidden_dim": 200},
               "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "checkpoint_interval": 0,
                         "device": "cpu"},
               "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
-                           "device": "cpu", **SWEEP_WITHOUT_AIS}}
+                           "device": "cpu"}}
     for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
                           ("frey", {"binarization": "none"}))}
 # A dataset the sweep does not use by default: no latent size, and its default binarization.
@@ -693,7 +694,9 @@ def _member_overrides(settings: Mapping[str, Any], member: Member | None, datase
     fixed = ({"data": {"dataset": member.dataset}, "model": {"latent_dim": member.latent_dim},
               "train": {"algorithm": member.algorithm, "seed": member.seed}} if member else
              {"data": {"dataset": dataset}})
-    return {section: {**settings.get(section, {}), **fixed.get(section, {})} for section in SWEEP_SECTIONS}
+    base = {"evaluate": SWEEP_WITHOUT_AIS}
+    return {section: {**base.get(section, {}), **settings.get(section, {}), **fixed.get(section, {})}
+            for section in SWEEP_SECTIONS}
 
 
 def _sweep_params(sweep: SweepConfig, dataset: str, overrides: dict, paths: PathsConfig) -> Params:
@@ -702,8 +705,9 @@ def _sweep_params(sweep: SweepConfig, dataset: str, overrides: dict, paths: Path
 
 
 def member_params(sweep: SweepConfig, member: Member, paths: PathsConfig | None = None) -> Params:
-    """The member's full parameters: this module's defaults, ``sweep.settings[dataset]`` on top,
-    then the member's dataset, latent size, algorithm and seed; paths from :func:`sweep_paths`.
+    """The member's full parameters: this module's defaults with AIS and BDMC off
+    (:data:`SWEEP_WITHOUT_AIS`), ``sweep.settings[dataset]`` on top, then the member's dataset,
+    latent size, algorithm and seed; paths from :func:`sweep_paths`.
 
     Raises:
         ConfigError: the settings give an invalid member (names the key and value).
