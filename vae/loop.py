@@ -40,13 +40,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from vae import objectives
-from vae.config import TrainConfig
+if TYPE_CHECKING:  # annotations only: the loop imports without pydantic (benchmarks/gpu_run.py's device image)
+    from vae.config import TrainConfig
 from vae.data.splits import Split
 from vae.errors import TrainingError
 from vae.io import atomic_open

@@ -306,9 +306,11 @@ class NoiseStream:
 
     def take(self, samples: int) -> torch.Tensor:
         """The next ``samples`` rows of the stream: (samples, latent_dim) float32."""
-        while len(self.buffer) < samples:
-            block = torch.randn(self.BLOCK, self.latent_dim, generator=self.generator, device=self.device)
-            self.buffer = torch.cat([self.buffer, block])
+        missing = max(0, samples - len(self.buffer))
+        blocks = [torch.randn(self.BLOCK, self.latent_dim, generator=self.generator, device=self.device)
+                  for _ in range(-(-missing // self.BLOCK))]  # the same draws as one block at a time
+        if blocks:
+            self.buffer = torch.cat([self.buffer, *blocks])  # one copy, however many blocks
         rows, self.buffer = self.buffer[:samples], self.buffer[samples:]
         return rows
 
