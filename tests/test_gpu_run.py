@@ -65,7 +65,7 @@ def test_tiny_cpu_run_writes_every_part(tmp_path) -> None:
     out = tmp_path / "out"
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_START, "--device", "cpu", "--tiny", "--budget-s", "10", "--threads", "1",
+        [sys.executable, "-c", BLOCKED_START, "--device", "cpu", "--tiny", "--budget-s", "5", "--threads", "1",
          "--data", str(data), "--processed", str(tmp_path / "absent"), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

@@ -577,3 +577,18 @@ def test_hmc_sample_and_appendix_d_reject_bad_counts() -> None:
         mcmc.hmc_sample(model, x, 0)
     with pytest.raises(ValueError, match=r"samples = 45, chains = 10: expected samples a positive multiple"):
         mcmc.appendix_d_log_likelihood(model, x, samples=45)
+
+
+def test_fitted_density_is_scikit_learns_one_component_gaussian_mixture() -> None:
+    """App. D's q: the batched torch fit equals scikit-learn's GaussianMixture(1, "full") per
+    example (the library it stands in for), and more components go to scikit-learn itself."""
+    from sklearn.mixture import GaussianMixture
+
+    fit = torch.randn(25, 7, 3, generator=generator(0), dtype=DTYPE) * torch.tensor([1.0, 0.3, 2.0]) + 1.0
+    points = torch.randn(30, 7, 3, generator=generator(1), dtype=DTYPE)
+    found = mcmc.fitted_log_density(fit, points)
+    expected = torch.stack([torch.from_numpy(
+        GaussianMixture(1, covariance_type="full", reg_covar=mcmc.REG_COVAR).fit(fit[:, i].numpy())
+        .score_samples(points[:, i].numpy())) for i in range(7)], dim=1)
+    assert_close(found, expected, 1e-9)
+    assert mcmc.fitted_log_density(fit, points, components=2).shape == (30, 7)
