@@ -2,6 +2,8 @@
 
 Without ``PREFECT_API_URL`` a run uses Prefect's temporary local server: nothing to set up.
 With a server (``prefect server start``), runs and served deployments show in its UI.
+A flow run never writes the work tree: it runs in a workspace of its own and is recorded as a DVC
+experiment named after the flow run (:mod:`flows.workspace`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00, as in prefect.yaml
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flows", description="Prefect flows over the DVC pipeline.",
+        prog="python -m flows",
+        description="Prefect flows over the DVC pipeline. A flow run never writes the work tree: it runs in a "
+                    "workspace of its own (a git worktree under .dvc/tmp/flow-workspaces, sharing the DVC cache) "
+                    "and is recorded as a DVC experiment named after the flow run. `dvc exp show` lists them; "
+                    "`dvc exp apply NAME` brings one into the work tree. SIGTERM or Ctrl-C stops a run at once.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Deployments for a server and workers are declared in prefect.yaml: "
                "`prefect --no-prompt deploy --all` (see the README's Prefect section).")
@@ -73,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run(vae_sweep, {"workers": args.workers, "address": args.address, "report": not args.no_report,
                                 "set_params": args.set_param, "repo": args.repo},
-                    lambda r: f"{len(r['ran'])} members ran, {len(r['skipped'])} up to date in {r['seconds']} s; "
-                              f"{r['results']}")
+                    lambda r: f"{len(r['ran'])} members ran, {len(r['restored'])} restored from DVC's run cache, "
+                              f"{len(r['skipped'])} up to date in {r['seconds']} s; {r['results']} in DVC experiment "
+                              f"{r['experiment']['name']}")
     common = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset,
               "seed": args.seed, "set_params": args.set_param, "repo": args.repo}
     flow = vae_pipeline if args.command == "pipeline" else scheduled_retraining
-    return _run(flow, common, lambda r: f"stages: {r['stages']}")
+    return _run(flow, common, lambda r: f"stages: {r['stages']}; recorded as DVC experiment {r['experiment']['name']} "
+                                        f"(`dvc exp show`; `dvc exp apply {r['experiment']['name']}` brings it into "
+                                        "the work tree)")
 
 
 def _run(flow, parameters: dict, summary) -> int:

@@ -5,10 +5,10 @@
 - ``dvc`` commands: :func:`dvc_command`, :func:`dvc`, :func:`dvc_repro`, :func:`commit_stages`,
   in the environment :func:`stage_env` that stages run in; :func:`stream` runs a command with its
   output in the current Prefect run's log;
-- stage status: :func:`stage_status`, :func:`changed_stages`, :func:`describe_status`;
-- parameter overrides for one run, in ``dvc exp run -S`` syntax: :func:`overrides_for`,
-  :func:`overridden_params` (``params.yaml`` edited for the block, restored byte for byte
-  after), :func:`recover_params` (the copy under ``.dvc/tmp`` a killed flow left behind) and
+- stage status: :func:`stage_status`, :func:`changed_stages`, :func:`restorable_stages` (those DVC's
+  run cache can restore), :func:`describe_status`;
+- parameter overrides for one run, in ``dvc exp run -S`` syntax: :func:`overrides_for` (applied
+  to a flow run's own workspace, never to the work tree: :mod:`flows.workspace`), and
   :func:`repository_lock` (one flow per repository at a time).
 
 ``dvc`` runs as ``python -m dvc`` with this interpreter, in a subprocess: DVC's own repository
@@ -31,7 +31,6 @@ from typing import Any
 from vae.errors import ConfigError, VaeError
 
 PARAMS_FILE = "params.yaml"
-BACKUP = Path(".dvc/tmp/params.yaml.flow-backup")
 LOCK = Path(".dvc/tmp/vae-flow.lock")
 # Named flow parameters and the params.yaml key each sets; anything else goes through set_params.
 SHORTCUTS = {"dataset": "data.dataset", "latent_dim": "model.latent_dim", "hidden_dim": "model.hidden_dim",
@@ -87,6 +86,13 @@ def stage_order(root: Path) -> list[str]:
                 for stage in order]
 
 
+def _target(root: Path, stage: str) -> str:
+    """``stage`` as a DVC target that names its ``dvc.yaml`` by absolute path: DVC's Python API
+    resolves a bare stage name against the working directory, which need not be ``root`` (a
+    flow's workspace is not)."""
+    return stage if ":" in stage else f"{root / 'dvc.yaml'}:{stage}"
+
+
 def stage_commands(root: Path, stages: list[str]) -> dict[str, str]:
     """The command of each of ``stages``, as ``root/dvc.yaml`` (its matrix expanded) defines it.
 
@@ -99,7 +105,7 @@ def stage_commands(root: Path, stages: list[str]) -> dict[str, str]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return {name: repo.stage.collect(name)[0].cmd for name in stages}
+        return {name: repo.stage.collect(_target(root, name))[0].cmd for name in stages}
 
 
 # `dvc` commands.
@@ -123,18 +129,18 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run ``dvc ARGS`` in ``root`` (environment :func:`stage_env`) and wait for it.
+def dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``dvc ARGS`` in ``root`` (environment ``env``, default :func:`stage_env`) and wait for it.
 
     Returns:
         The finished process, its stdout and stderr captured as text; a failure is not raised
         but left in its ``returncode`` for the caller to report.
     """
-    return subprocess.run(dvc_command(*args), cwd=root, capture_output=True, text=True, env=stage_env())
+    return subprocess.run(dvc_command(*args), cwd=root, capture_output=True, text=True, env=env or stage_env())
 
 
-def dvc_repro(root: Path, *targets: str) -> str:
-    """Run ``dvc repro TARGETS`` in ``root``.
+def dvc_repro(root: Path, *targets: str, env: dict[str, str] | None = None) -> str:
+    """Run ``dvc repro TARGETS`` in ``root`` (environment ``env``, default :func:`stage_env`).
 
     Returns:
         Its output (stdout then stderr, stripped).
@@ -142,7 +148,7 @@ def dvc_repro(root: Path, *targets: str) -> str:
     Raises:
         StageFailed: the command failed (the message ends with its last 3000 characters).
     """
-    result = dvc(root, "repro", *targets)
+    result = dvc(root, "repro", *targets, env=env)
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
         raise StageFailed(f"dvc repro {' '.join(targets)} failed in {root}:\n{output[-3000:]}")
@@ -223,6 +229,28 @@ def changed_stages(root: Path, stages: list[str]) -> dict[str, Any]:
     return {stage: status[stage] for stage in stages if stage in status}
 
 
+def restorable_stages(root: Path, stages: Sequence[str]) -> list[str]:
+    """Of ``stages``, those whose outputs DVC's run cache holds for their current dependencies and
+    parameters (run before, in this or another workspace sharing the cache): ``dvc repro`` restores
+    them without running their commands.
+
+    Raises:
+        dvc.exceptions.DvcException: DVC cannot read the repository's stages.
+    """
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    found = []
+    with Repo(str(root)) as repo:
+        for name in stages:
+            try:
+                repo.stage_cache.restore(repo.stage.collect(_target(root, name))[0], dry=True)
+            except (RunCacheNotFoundError, FileNotFoundError):  # not run before; a dependency is missing
+                continue
+            found.append(name)
+    return found
+
+
 def describe_status(status: dict[str, Any], stage: str) -> str:
     """One line saying why ``stage`` runs, from :func:`stage_status`'s answer: its changed
     dependencies, parameters and outputs (``"changed deps: ..."``), or ``"not run yet"``."""
@@ -266,28 +294,6 @@ def overrides_for(set_params: Sequence[str] | None = None, **shortcuts: Any) -> 
     return overrides
 
 
-def _restore(root: Path, original: bytes) -> None:
-    from vae.io import atomic_path
-
-    with atomic_path(root / PARAMS_FILE) as tmp:
-        tmp.write_bytes(original)
-    (root / BACKUP).unlink(missing_ok=True)
-
-
-def recover_params(root: Path) -> bool:
-    """Put back ``root/params.yaml`` from the copy (:data:`BACKUP`) a flow stopped mid-run left behind.
-
-    Returns:
-        True if it did (and says so on stderr), False when there was no copy.
-    """
-    backup = root / BACKUP
-    if not backup.is_file():
-        return False
-    _restore(root, backup.read_bytes())
-    print(f"restored {root / PARAMS_FILE} from {backup}, left by a flow that was stopped mid-run", file=sys.stderr)
-    return True
-
-
 @contextlib.contextmanager
 def repository_lock(root: Path) -> Iterator[None]:
     """Hold an exclusive lock (:data:`LOCK`, ``flock``) on the repository for the block; the
@@ -308,43 +314,3 @@ def repository_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def overridden_params(root: Path, overrides: Sequence[str]) -> Iterator[Any]:
-    """Apply ``overrides`` to ``root/params.yaml`` for the block (DVC's own Hydra-override code,
-    as ``dvc exp run -S`` does); restore the original bytes after, also when the block raises.
-
-    First puts back a copy a killed flow left (:func:`recover_params`); while the block runs, a
-    copy of the original is kept at :data:`BACKUP` for the same purpose.
-
-    Yields:
-        The validated :class:`vae.config.Params` in force.
-
-    Raises:
-        ConfigError: an override DVC cannot parse or apply, or values ``vae.config`` rejects (the
-            file is restored before the error propagates).
-    """
-    from dvc.utils.hydra import apply_overrides
-
-    from vae.config import load_params
-
-    path = root / PARAMS_FILE
-    recover_params(root)
-    if not overrides:
-        yield load_params(path)
-        return
-    original = path.read_bytes()
-    backup = root / BACKUP
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    backup.write_bytes(original)
-    try:
-        try:
-            apply_overrides(path, list(overrides))
-        except Exception as error:  # DVC's InvalidArgumentError, Hydra's parse and composition errors
-            cause = f": {error.__cause__}" if error.__cause__ else ""
-            raise ConfigError(f"parameter overrides {list(overrides)} cannot be applied to {path}: {error}{cause}") from None
-        params = load_params(path)
-        yield params
-    finally:
-        _restore(root, original)

@@ -2,16 +2,21 @@
 
 1. **Seed**: one above every seed a registered version of ``vae-<dataset>`` was trained with (and
    above ``train.seed`` in ``params.yaml``), so each retraining is a new draw.
-2. **Retrain and evaluate**: the ``vae-pipeline`` flow as a subflow with that seed. New data
-   comes in the same way: when a dataset's files change upstream (new checksums in
-   ``vae/data/sources.py``), DVC re-runs ``download`` and everything after it.
+2. **Retrain and evaluate**: the pipeline's stages, one task each as in ``vae-pipeline``, with
+   that seed, in a workspace of the flow run's own (:mod:`flows.workspace`): the work tree is
+   never written. New data comes in the same way: when a dataset's files change upstream (new
+   checksums in ``vae/data/sources.py``), DVC re-runs ``download`` and everything after it.
 3. **Register**: the ``evaluate`` stage registers the model as a new version of ``vae-<dataset>``;
-   this flow looks the version up by the run id in ``reports/metrics.json``.
+   this flow looks the version up by the MLflow run the evaluation logged to, found by the
+   hash of the workspace's ``reports/metrics.json`` (:func:`vae.tracking.evaluation_run_id`).
 4. **Promote**: :func:`vae.registry.promote_if_better`: the alias ``champion`` moves to the new
    version only if its test log-likelihood beats the champion's by more than the paired standard
    error on the same test images (the champion is re-evaluated when the test images or k
    differ, e.g. after new data); the first model becomes champion. The decision and its numbers
    are tags on the version.
+5. **Record**: the run is saved as a DVC experiment named after the flow run (``dvc exp show``;
+   ``dvc exp apply NAME`` brings the retrained model into the work tree), and the workspace is
+   removed.
 
 Run it without any set-up: ``uv run python -m flows retrain --epochs 2``.
 """
@@ -27,8 +32,9 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_repo import repository
-from flows.pipeline import vae_pipeline
+from flows.dvc_repo import overrides_for, repository
+from flows.pipeline import outcome_of, record_experiment, run_stages
+from flows.workspace import flow_workspace
 from vae.errors import TrackingError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download clutters the flow log
@@ -63,24 +69,27 @@ def registered_version(root: str, name: str, run_id: str | None) -> str:
     """The version of ``name`` the evaluate stage registered from MLflow run ``run_id``.
 
     Raises:
-        TrackingError: no run id (tracking was off) or no version from that run.
+        TrackingError: no run id (no MLflow run evaluated the model: was tracking off?) or no
+            version from that run.
     """
     from vae import tracking
 
     if not run_id:
-        raise TrackingError("reports/metrics.json names no MLflow run: was tracking off (VAE_TRACKING)?")
+        raise TrackingError("no MLflow run evaluated this model: was tracking off (VAE_TRACKING)?")
     versions = tracking.client_for(root).search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if not versions:
         raise TrackingError(f"MLflow run {run_id} registered no version of {name}")
     return str(max(int(v.version) for v in versions))
 
 
-def champion_reevaluation(root: Path, metrics: dict[str, Any], logger: Any) -> Callable[[Any], np.ndarray]:
+def champion_reevaluation(root: Path, workspace: Path, metrics: dict[str, Any],
+                          logger: Any) -> Callable[[Any], np.ndarray]:
     """The ``reevaluate`` argument of :func:`vae.registry.promote_if_better` for this run.
 
     Args:
-        root: the repository whose ``params.yaml``, processed test split and MLflow store
-            (:func:`vae.tracking.store_uri`) are used.
+        root: the repository whose MLflow store (:func:`vae.tracking.store_uri`) is used.
+        workspace: the flow run's workspace, whose ``params.yaml`` and processed test split (this
+            run's test images) are used.
         metrics: this run's ``reports/metrics.json``; its ``dataset`` and ``importance_samples``
             (k) are used, with ``params.yaml``'s ``evaluate.seed`` and ``evaluate.memory_budget_mb``.
         logger: where to say what is re-evaluated (a ``logging.Logger``-like object).
@@ -107,13 +116,13 @@ def champion_reevaluation(root: Path, metrics: dict[str, Any], logger: Any) -> C
         # where the version's files are, and they are downloaded with this store's tracking URI.
         client = tracking.client_for(root)
         source = client.get_model_version_download_uri(champion.name, champion.version)
-        params = load_params(root / "params.yaml")
+        params = load_params(workspace / "params.yaml")
         with tempfile.TemporaryDirectory(prefix="vae-champion-") as scratch:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch,
                                                         tracking_uri=client.tracking_uri)
             model = mlflow.pytorch.load_model(local, map_location="cpu")
         model.eval()
-        test = load_split(root / params.paths.processed / metrics["dataset"] / "test.pt")
+        test = load_split(workspace / params.paths.processed / metrics["dataset"] / "test.pt")
         logger.info("re-evaluating champion version %s on this run's %d test images with k = %d",
                     champion.version, len(test), metrics["importance_samples"])
         result = evaluate_split(model, test.values(), metrics["importance_samples"], [], params.evaluate.memory_budget_mb,
@@ -123,13 +132,14 @@ def champion_reevaluation(root: Path, metrics: dict[str, Any], logger: Any) -> C
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE)
-def promote(root: str, name: str, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """:func:`vae.registry.promote_if_better` for the new version; returns the decision as a dict."""
+def promote(root: str, workspace: str, name: str, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`vae.registry.promote_if_better` for the new version (the champion re-evaluated on the
+    test images of the flow run's ``workspace`` when needed); returns the decision as a dict."""
     from vae import registry, tracking
 
     logger = get_run_logger()
     decision = registry.promote_if_better(tracking.client_for(root), name, version,
-                                          reevaluate=champion_reevaluation(Path(root), metrics, logger))
+                                          reevaluate=champion_reevaluation(Path(root), Path(workspace), metrics, logger))
     logger.info("%s version %s: %s (%s); champion is version %s", name, version,
                 "promoted to champion" if decision.promoted else "not promoted", decision.reason,
                 decision.champion_version)
@@ -150,19 +160,25 @@ def scheduled_retraining(epochs: int | None = None, latent_dim: int | None = Non
         repo: the repository (default: ``VAE_REPO``, else the working directory).
 
     Returns:
-        The pipeline's stages and metrics, the seed, and the promotion decision.
+        The pipeline's stages and metrics, the seed, the promotion decision and the DVC experiment.
 
     Raises:
         ConfigError, StageFailed: from the pipeline; TrackingError: no registered version.
     """
-    root = str(repository(repo))
-    chosen, name = choose_seed(root, dataset)
+    root = repository(repo)
+    chosen, name = choose_seed(str(root), dataset)
     seed = chosen if seed is None else seed
-    result = vae_pipeline(epochs=epochs, latent_dim=latent_dim, dataset=dataset, seed=seed,
-                          set_params=set_params, repo=root)
-    metrics = result["metrics"]
-    version = registered_version(root, name, metrics.get("mlflow_run_id"))
-    decision = promote(root, name, version, metrics)
+    overrides = overrides_for(set_params, epochs=epochs, latent_dim=latent_dim, dataset=dataset, seed=seed)
+    with flow_workspace(root, overrides, "scheduled-retraining") as workspace:
+        print(f"retraining {name} with seed {seed} in workspace {workspace.path} (DVC experiment {workspace.name}); "
+              "the work tree is not written")
+        stages = run_stages(workspace)
+        outcome = outcome_of(workspace)
+        version = registered_version(str(root), name, outcome["evaluation_run_id"])
+        decision = promote(str(root), str(workspace.path), name, version, outcome["metrics"])
+        experiment = record_experiment(workspace)
     print(f"{name} version {version} (seed {seed}): "
-          f"{'champion now' if decision['promoted'] else 'champion stays version ' + decision['champion_version']}")
-    return {**result, "seed": seed, "decision": decision}
+          f"{'champion now' if decision['promoted'] else 'champion stays version ' + decision['champion_version']}; "
+          f"DVC experiment {experiment['name']}")
+    return {"stages": stages, "overrides": overrides, **outcome, "seed": seed, "decision": decision,
+            "experiment": experiment}

@@ -6,7 +6,7 @@ member stage into its two halves:
 
 1. **run**: every member stage that ``dvc status`` reports as changed is one Prefect task on
    prefect-dask's ``DaskTaskRunner``; the task runs the stage's own command, read from
-   ``dvc.yaml`` (``vae sweep-member mnist 3 aevb 0``), in the repository. Members write only
+   ``dvc.yaml`` (``vae sweep-member mnist 3 aevb 0``), in the flow's workspace. Members write only
    their own folders, and torch uses ``sweep.threads`` threads in each, so they neither collide
    nor change each other's numbers.
 2. **record**: once the members are done, one ``dvc commit --force`` of the finished member
@@ -14,14 +14,20 @@ member stage into its two halves:
    hashes of the dependencies, parameters and outputs they were run with, exactly what
    ``dvc repro`` would have written. Then ``dvc status`` reports them up to date.
 
+The flow runs in a workspace of its own and records its result as a DVC experiment, like the
+``vae-pipeline`` flow (:mod:`flows.workspace`): the work tree is never written, and
+``dvc exp apply NAME`` brings the members, the table and the figure into it.
+
 Before the members, ``dvc repro`` runs the sweep's data stages; after them, it runs
 ``sweep-report`` (the Figure 2 replica and the table) and, unless ``report=False``, the main
 ``report``, which includes them. A member that fails is reported with its output; the others
-are still recorded, so a re-run only repeats the failed one.
+are still recorded, in the DVC cache and its run cache (though no experiment is, and the
+workspace is removed): a re-run restores them from there and runs only the failed ones.
 
 The Dask cluster is a local one (``workers`` processes, one thread each) unless ``address``
 names a running scheduler (``tcp://host:8786``): then members run on whatever workers joined it,
-which must see the repository at the same path (a shared file system) with the project's
+which must see the repository (and so its workspaces, under ``.dvc/tmp``) at the same path (a
+shared file system) with the project's
 environment installed. Only the flow's own process touches DVC.
 
 Run it without any set-up (Prefect's temporary local server)::
@@ -31,7 +37,6 @@ Run it without any set-up (Prefect's temporary local server)::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import socket
@@ -43,13 +48,17 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_repo import (PARAMS_FILE, StageFailed, changed_stages, commit_stages, dvc_repro, overridden_params,
-                            overrides_for, repository, repository_lock, stage_commands, stage_env, stream)
+from flows.dvc_repo import (StageFailed, changed_stages, commit_stages, dvc_repro, overrides_for, repository,
+                            restorable_stages, stage_commands, stream)
+from flows.workspace import Workspace, doing, flow_workspace, save_experiment, stopped_by_sigterm, workspace_env
 from vae.errors import ConfigError
 
 
-def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> dict[str, Any]:
-    """Body of a member task (on a Dask worker): run the member stage's command in ``root``.
+def run_member_fn(root: str, stage: str, command: str, threads: int | None, repo: str,
+                  experiment: str) -> dict[str, Any]:
+    """Body of a member task (on a Dask worker): run the member stage's command in the flow's
+    workspace ``root`` (in :func:`flows.workspace.workspace_env` of the repository ``repo`` and
+    the DVC experiment ``experiment``).
 
     Returns:
         ``{"stage", "host", "pid", "started", "finished", "seconds"}`` (times in seconds since the epoch).
@@ -57,7 +66,7 @@ def run_member_fn(root: str, stage: str, command: str, threads: int | None) -> d
     Raises:
         StageFailed: the command failed (the message ends with its last output lines).
     """
-    env = stage_env()
+    env = workspace_env(repo, experiment)
     if threads is not None:  # also for the BLAS libraries under torch
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     started = time.time()
@@ -87,28 +96,36 @@ def task_runner(workers: int, address: str | None, api_url: str | None = None):
                                           **({"env": {"PREFECT_API_URL": api_url}} if api_url else {})})
 
 
-def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
+def _run_sweep(workspace: Workspace, report: bool) -> dict[str, Any]:
     from vae import sweep
-    from vae.config import load_params
 
     logger = get_run_logger()
-    params = load_params(root / PARAMS_FILE)
+    root, params = workspace.path, workspace.params
     declared = sweep.members(params.sweep)
     datasets = sorted({member.dataset for member in declared})
-    output = dvc_repro(root, "--single-item", *[f"sweep-data@{dataset}" for dataset in datasets])
+    with doing("the sweep's data stages"):
+        output = dvc_repro(root, "--single-item", *[f"sweep-data@{dataset}" for dataset in datasets],
+                           env=workspace.env())
     logger.info("sweep data: %s", output.splitlines()[-1] if output else "up to date")
     stages = [member.stage for member in declared]
     changed = changed_stages(root, stages)
+    restorable = restorable_stages(root, list(changed))
+    if restorable:  # run before (e.g. by a sweep that failed later): restored from DVC's run cache
+        with doing("restoring members from DVC's run cache"):
+            dvc_repro(root, "--single-item", *restorable, env=workspace.env())
+        logger.info("%d members restored from DVC's run cache: %s", len(restorable), ", ".join(restorable))
+        changed = {stage: why for stage, why in changed.items() if stage not in restorable}
     if changed:
         # Here, before the members start: the sweep's MLflow run, which two members looking for it
         # at once would each create.
-        with contextlib.chdir(root):  # the store the stages use (MLflow's default is relative to the cwd)
+        with workspace.tracking():  # the store the stages use, and the experiment's tag
             parent = sweep.sweep_run(params)
         logger.info("MLflow sweep run: %s", parent or "none (tracking off)")
     commands = stage_commands(root, list(changed))
     logger.info("%d of %d members to run: %s", len(changed), len(stages), ", ".join(changed) or "none")
     futures = {stage: run_member.with_options(task_run_name=stage).submit(str(root), stage, commands[stage],
-                                                                        params.sweep.threads)
+                                                                        params.sweep.threads, str(workspace.root),
+                                                                        workspace.name)
                for stage in changed}
     records, failures = [], []
     for stage, future in futures.items():
@@ -121,20 +138,26 @@ def _run_sweep(root: Path, report: bool) -> dict[str, Any]:
         commit_stages(root, finished)
     if failures:
         raise StageFailed(f"{len(failures)} of {len(changed)} sweep members failed (the {len(finished)} that "
-                          "finished are recorded in dvc.lock; a re-run repeats only the failed ones):\n"
+                          "finished are in DVC's run cache: a re-run restores them and repeats only the failed "
+                          "ones):\n"
                           + "\n".join(failures))
-    dvc_repro(root, "--single-item", "sweep-report")
+    env = workspace.env()
+    with doing("stage sweep-report"):
+        dvc_repro(root, "--single-item", "sweep-report", env=env)
     if report:
-        dvc_repro(root, "report")
+        with doing("stage report and those before it"):
+            dvc_repro(root, "report", env=env)
     results = root / params.paths.reports / "sweep" / "sweep_results.csv"
-    return {"members": len(stages), "ran": records, "skipped": [s for s in stages if s not in changed],
-            "results": str(results)}
+    return {"members": len(stages), "ran": records, "restored": restorable,
+            "skipped": [s for s in stages if s not in changed and s not in restorable], "results": str(results)}
 
 
 @flow(name="vae-sweep-members", log_prints=True)
-def sweep_members(repo: str, report: bool = True) -> dict[str, Any]:
-    """The sweep with this flow's task runner (set by :func:`vae_sweep`): see the module docstring."""
-    return _run_sweep(Path(repo), report)
+def sweep_members(workspace: Workspace, report: bool = True) -> dict[str, Any]:
+    """The sweep in ``workspace`` with this flow's task runner (set by :func:`vae_sweep`): see the
+    module docstring. (A subflow gets Prefect's SIGTERM handling back; the flow's own is set again.)"""
+    with stopped_by_sigterm(workspace.root, workspace.path, "vae-sweep"):
+        return _run_sweep(workspace, report)
 
 
 @flow(name="vae-sweep", log_prints=True)
@@ -153,31 +176,38 @@ def vae_sweep(workers: int | None = None, address: str | None = None, report: bo
         repo: the repository (default: ``VAE_REPO``, else the working directory).
 
     Returns:
-        ``{"members", "ran": [{stage, host, pid, started, finished, seconds}], "skipped", "results"}``.
+        ``{"members", "ran": [{stage, host, pid, started, finished, seconds}], "restored" (from DVC's
+        run cache), "skipped", "results" (the table's path in the experiment), "seconds",
+        "experiment": {"name", "commit", "baseline"}}``.
 
     Raises:
         ConfigError: bad parameters or overrides; StageFailed: a stage or member failed.
     """
     root = repository(repo)
     overrides = overrides_for(set_params)
-    with repository_lock(root), overridden_params(root, overrides) as params:
+    with flow_workspace(root, overrides, "vae-sweep") as workspace:
         from vae import sweep
 
-        count = len(sweep.members(params.sweep))
+        count = len(sweep.members(workspace.params.sweep))
         if workers is not None and workers < 1:
             raise ConfigError(f"workers = {workers}: expected a number of Dask worker processes >= 1")
         if workers is None:
-            workers = max(1, min(count, (os.cpu_count() or 1) // (params.sweep.threads or 1)))
+            workers = max(1, min(count, (os.cpu_count() or 1) // (workspace.params.sweep.threads or 1)))
         where = f"the Dask scheduler at {address}" if address else f"a local Dask cluster of {workers} workers"
-        print(f"sweep: {count} members on {where}")
+        print(f"sweep: {count} members on {where}, in workspace {workspace.path} (DVC experiment "
+              f"{workspace.name}); the work tree is not written")
         started = time.perf_counter()
         from prefect.context import get_run_context
 
         runner = task_runner(workers, address, str(get_run_context().client.api_url))
-        result = sweep_members.with_options(task_runner=runner)(str(root), report)
+        result = sweep_members.with_options(task_runner=runner)(workspace, report)
         result["seconds"] = round(time.perf_counter() - started, 1)
+        experiment = save_experiment(workspace)
+        result["experiment"] = {"name": experiment.name, "commit": experiment.commit, "baseline": experiment.baseline}
+        result["results"] = str(Path(result["results"]).relative_to(workspace.path))
     print(f"sweep: {len(result['ran'])} members ran, {len(result['skipped'])} up to date, in "
-          f"{result['seconds']} s; table {result['results']}")
+          f"{result['seconds']} s; DVC experiment {experiment.name} (`dvc exp apply {experiment.name}` brings "
+          f"its table {result['results']} and figures into the work tree)")
     return result
 
 

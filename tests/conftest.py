@@ -22,6 +22,9 @@ from support import REPO_ROOT, run_interrupted
 # loaded, inherit it.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
+# A flow run without PREFECT_API_URL starts Prefect's temporary server and gives up after 20 s by
+# default; with the suite's two workers busy on a 2-core machine it can take longer to come up.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 # The test files that take minutes, in the order pytest-xdist's workers should start them (the rest
@@ -30,7 +33,8 @@ sys.dont_write_bytecode = False
 # that test_interruptions.py's worker builds (`interrupted_pipeline`) finished instead of waiting
 # for it. Measured with `pytest --durations=0`; a file's tests keep their order.
 SLOW_FILES = ("test_interruptions.py", "test_flows_e2e.py", "test_sweep_e2e.py", "test_profiles_e2e.py",
-              "test_pipeline.py", "test_tracking_faults.py", "test_train.py", "test_flows.py", "test_concurrency.py")
+              "test_pipeline.py", "test_determinism.py", "test_tracking_faults.py", "test_train.py", "test_flows.py",
+              "test_concurrency.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -192,7 +192,7 @@ ONE_MEMBER_SWEEP = {
     "settings": {"mnist": {"data": {"binarization": "dynamic", "train_subset": 600, "eval_subset": 200}},
                  "frey": {"data": {"binarization": "none"}, "model": {"hidden_dim": 32},
                           "train": {"epochs": None, "training_samples": 6000, "curve_points": 5, "elbo_eval_size": 500,
-                                    "checkpoint_interval": 0, "device": "cpu"},
+                                    "device": "cpu"},
                           "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 200,
                                        "device": "cpu"}}}}
 SMALL["sweep"] = ONE_MEMBER_SWEEP
@@ -224,13 +224,15 @@ def set_params(path: Path, overrides: dict) -> None:
 
 
 def remove_sweep(path: Path) -> None:
-    """The dvc.yaml at ``path`` (and its dvc.lock) without the sweep's stages and the report's
-    dependencies on them."""
+    """The dvc.yaml at ``path`` (and its dvc.lock) without the sweep's stages and the other stages'
+    dependencies on their outputs (``${paths.<folder>}/sweep...``: visualize's and the report's)."""
     stages = yaml.safe_load(path.read_text())
     stages["stages"] = {name: stage for name, stage in stages["stages"].items() if not name.startswith("sweep")}
+    for stage in stages["stages"].values():
+        if "deps" in stage:
+            stage["deps"] = [dep for dep in stage["deps"] if "}/sweep" not in dep]
     report = stages["stages"]["report"]
-    report["deps"] = [dep for dep in report["deps"] if "/sweep/" not in dep]
-    report["params"] = [name for name in report["params"] if name != "sweep"]
+    report["params"] = [name for name in report["params"] if name.split(".")[0] != "sweep"]
     path.write_text(yaml.safe_dump(stages, sort_keys=False))
     lock_path = path.with_name("dvc.lock")
     if lock_path.is_file():
@@ -375,9 +377,9 @@ KILLS = (
     ("binarize", "binarize", 2, True),
     ("train", "train", 2, False),  # the pass-1 checkpoint is written, model.pt is not
     ("evaluate", "evaluate", 2, True),
-    ("visualize", "visualize", 3, False),
     ("sweep-data@frey", "sweep-data frey", 2, True),
     ("sweep-frey@2-aevb-0", "sweep-member frey 2 aevb 0", 2, False),  # its training, mid-way
+    ("visualize", "visualize", 3, False),  # after the sweep's members: its Figure 5 reads them
     ("sweep-report", "sweep-report", 1, True),
     ("report", "report", 1, False),
 )
@@ -438,8 +440,14 @@ def assert_whole(root: Path) -> int:
 
 
 def mlflow_state(pipe: Pipeline) -> dict:
-    """The training runs (not children) of the MLflow store and the registered versions of vae-mnist."""
+    """The training runs (not children) of the MLflow store, the registered versions of vae-mnist,
+    and the runs tagged with the SHA-256 of the repository's models/model.pt (``model_runs``: the
+    training run the later stages find, with its tags) and of its reports/metrics.json
+    (``metrics_runs``: the run the evaluation logged to)."""
     from mlflow import MlflowClient
+
+    from vae import tracking
+    from vae.io import file_sha256
 
     client = MlflowClient(tracking_uri=f"sqlite:///{pipe.store}", registry_uri=f"sqlite:///{pipe.store}")
     experiment = client.get_experiment_by_name("vae-mnist")
@@ -447,8 +455,16 @@ def mlflow_state(pipe: Pipeline) -> dict:
                if "mlflow.parentRunId" not in run.data.tags and "train_seconds" in run.data.metrics]
     curves = {run.info.run_id: {key: sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, key))
                                 for key in ("train_elbo", "valid_elbo", "train_elbo_step")} for run in trained}
+
+    def tagged(tag: str, path: str) -> list[list]:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=f"tags.`{tag}` = '{file_sha256(pipe.root / path)}'")
+        return [[run.info.run_id, dict(run.data.tags)] for run in runs]
+
     return {"trained": [[run.info.run_id, run.info.status] for run in trained], "curves": curves,
-            "versions": [[v.run_id, v.tags] for v in client.search_model_versions("name='vae-mnist'")]}
+            "versions": [[v.run_id, v.tags] for v in client.search_model_versions("name='vae-mnist'")],
+            "model_runs": tagged(tracking.MODEL_TAG, "models/model.pt"),
+            "metrics_runs": tagged(tracking.METRICS_TAG, "reports/metrics.json")}
 
 
 def run_interrupted(factory: pytest.TempPathFactory) -> dict:
@@ -492,7 +508,8 @@ def run_interrupted(factory: pytest.TempPathFactory) -> dict:
     return {"root": str(pipe.root), "store": str(pipe.store), "first_output": pipe.first_output,
             "after_kill": after_kill, "final": final, "snapshot": str(snapshot),
             "temporaries": [str(path) for path in temporaries(pipe.root)], "whole": assert_whole(pipe.root),
-            "status": pipe.status(), "summary": pipe.json("reports/train_summary.json"),
+            "status": pipe.status(), "lock": (pipe.root / "dvc.lock").read_text(),
+            "summary": pipe.json("reports/train_summary.json"),
             "metrics": pipe.json("reports/metrics.json"), "mlflow": mlflow_state(pipe),
             "train_state_left": (pipe.root / "models/train_state.pt").exists()}
 

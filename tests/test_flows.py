@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from support import REPO_ROOT
-from flows import dvc_repo, pipeline
+from flows import dvc_repo, pipeline, workspace
 from flows.__main__ import build_parser
 from vae.errors import ConfigError, VaeError
 
@@ -33,14 +33,22 @@ stages:
     params: [model.latent_dim]
     outs: [out/latent.txt]
 """
+# With FLOW_TEST_MARKERS set, the write step records its pid there and waits for a file `go`.
 STAGE_PY = """\
-import pathlib, sys, yaml
+import os, pathlib, sys, time, yaml
 params = yaml.safe_load(open("params.yaml"))
 out = pathlib.Path("out")
 out.mkdir(exist_ok=True)
 step = sys.argv[1]
 print(f"stage {step} running", flush=True)
 if step == "write":
+    markers = os.environ.get("FLOW_TEST_MARKERS")
+    if markers:
+        (pathlib.Path(markers) / "write.pid").write_text(str(os.getpid()))
+        for _ in range(3000):
+            if (pathlib.Path(markers) / "go").exists():
+                break
+            time.sleep(0.1)
     (out / "latent.txt").write_text(str(params["model"]["latent_dim"]))
 elif step == "summarize":
     (out / "summary.txt").write_text("latent_dim " + (out / "latent.txt").read_text())
@@ -103,43 +111,74 @@ def test_overrides_in_dvc_exp_run_syntax() -> None:
         dvc_repo.overrides_for(None, batch=3)
 
 
-def test_overridden_params_restores_the_file_byte_for_byte(tmp_path) -> None:
+def _git_state(root: Path) -> tuple[str, str]:
+    """(``git status --porcelain``, ``git worktree list --porcelain``) of ``root``."""
+    return (_run(root, "git", "status", "--porcelain", "--untracked-files=all"),
+            _run(root, "git", "worktree", "list", "--porcelain"))
+
+
+def test_a_workspace_holds_the_work_trees_changes_and_the_overrides(tmp_path) -> None:
+    root = make_repo(tmp_path / "repo")
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("hidden_dim: 500", "hidden_dim: 123"))
+    (root / "notes.txt").write_text("untracked, not ignored")
+    (root / "stage.py").write_text((root / "stage.py").read_text() + "# edited, not committed\n")
+    original = (root / "params.yaml").read_bytes()
+    before = _git_state(root)
+    space = workspace.create(root, "trial", ["++model.latent_dim=7"])
+    try:
+        assert space.path == root / workspace.WORKSPACES / "trial"
+        assert space.params.model.latent_dim == 7 and space.params.model.hidden_dim == 123
+        on_disk = yaml.safe_load((space.path / "params.yaml").read_text())["model"]
+        assert (on_disk["latent_dim"], on_disk["hidden_dim"]) == (7, 123)
+        assert (space.path / "notes.txt").read_text() == "untracked, not ignored"
+        assert (space.path / "stage.py").read_text().endswith("# edited, not committed\n")
+        cache = _run(space.path, sys.executable, "-m", "dvc", "cache", "dir").strip()
+        assert Path(cache).resolve() == (root / ".dvc" / "cache").resolve()  # one cache for both
+        assert str(space.path) in _run(root, "git", "worktree", "list")
+        assert (root / "params.yaml").read_bytes() == original
+        assert _git_state(root)[0] == before[0]  # the work tree is as it was
+    finally:
+        workspace.remove(space)
+    assert not space.path.exists() and _git_state(root) == before
+
+
+def test_bad_overrides_are_refused_and_leave_no_workspace(tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
     original = (root / "params.yaml").read_bytes()
-    with dvc_repo.overridden_params(root, ["++model.latent_dim=7", "++train.epochs=3"]) as params:
-        assert params.model.latent_dim == 7 and params.train.epochs == 3
-        on_disk = yaml.safe_load((root / "params.yaml").read_text())
-        assert on_disk["model"]["latent_dim"] == 7
-        assert (root / dvc_repo.BACKUP).read_bytes() == original
-    assert (root / "params.yaml").read_bytes() == original
-    assert not (root / dvc_repo.BACKUP).exists()
-
-    with pytest.raises(RuntimeError, match="stage blew up"), dvc_repo.overridden_params(root, ["++model.latent_dim=9"]):
-        raise RuntimeError("stage blew up")
-    assert (root / "params.yaml").read_bytes() == original
+    before = _git_state(root)
+    with pytest.raises(ConfigError, match="cannot be applied"):
+        workspace.create(root, "bad", ["model.no_such_key=1"])
+    with pytest.raises(ConfigError, match="latent_dim"):
+        workspace.create(root, "bad", ["model.latent_dim=-1"])
+    assert (root / "params.yaml").read_bytes() == original and _git_state(root) == before
+    assert not (root / workspace.WORKSPACES / "bad").exists()
 
 
-def test_bad_overrides_are_refused_and_leave_params_as_they_were(tmp_path) -> None:
+def test_a_repository_without_a_commit_is_refused(tmp_path) -> None:
+    root = tmp_path / "new"
+    root.mkdir()
+    _run(root, "git", "init", "-q")
+    with pytest.raises(ConfigError, match="at least one commit"):
+        workspace.baseline(root)
+
+
+def test_workspaces_left_by_killed_flows_are_removed(tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
-    original = (root / "params.yaml").read_bytes()
-    with pytest.raises(ConfigError, match="cannot be applied"), \
-            dvc_repo.overridden_params(root, ["model.no_such_key=1"]):
-        pass
-    assert (root / "params.yaml").read_bytes() == original
-    with pytest.raises(ConfigError, match="latent_dim"), dvc_repo.overridden_params(root, ["model.latent_dim=-1"]):
-        pass
-    assert (root / "params.yaml").read_bytes() == original
+    before = _git_state(root)
+    left = workspace.create(root, "killed-run", [])  # what a SIGKILLed flow leaves behind
+    assert left.path.is_dir() and _git_state(root) != before
+    assert workspace.remove_stale(root) == ["killed-run"]
+    assert not left.path.exists() and _git_state(root) == before
+    assert workspace.remove_stale(root) == []
 
 
-def test_params_left_edited_by_a_killed_flow_are_restored_first(tmp_path) -> None:
+def test_experiment_names_follow_the_flow_run_and_never_collide(tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
-    original = (root / "params.yaml").read_bytes()
-    # What a flow killed inside overridden_params leaves behind: the edited file and the backup.
-    (root / dvc_repo.BACKUP).write_bytes(original)
-    (root / "params.yaml").write_text(original.decode().replace("latent_dim: 20", "latent_dim: 3"))
-    with dvc_repo.overridden_params(root, []) as params:
-        assert params.model.latent_dim == 20
-    assert (root / "params.yaml").read_bytes() == original and not (root / dvc_repo.BACKUP).exists()
+    assert workspace.experiment_name(root, "Witty Otter", "0b1c2d3e-aaaa") == "witty-otter"
+    assert workspace.experiment_name(root, None, "0b1c2d3e-aaaa") == "flow-0b1c2d3e"
+    commit = _run(root, "git", "rev-parse", "HEAD").strip()
+    _run(root, "git", "update-ref", f"refs/exps/{commit[:2]}/{commit[2:]}/witty-otter", commit)
+    assert workspace.experiment_name(root, "witty-otter", "0b1c2d3e-aaaa") == "witty-otter-0b1c2d3e"
 
 
 def test_one_flow_at_a_time_per_repository(tmp_path) -> None:
@@ -169,48 +208,159 @@ def test_command_line_help_and_arguments() -> None:
     assert "serve" in parser.format_help()
 
 
+def _dvc(root: Path, *args: str) -> str:
+    return _run(root, sys.executable, "-m", "dvc", *args)
+
+
+def _experiments(root: Path) -> dict[str, dict]:
+    """``dvc exp show --json``: {experiment name: its data (params, metrics, rev)}, every baseline."""
+    import json
+
+    found = {}
+    for baseline in json.loads(_dvc(root, "exp", "show", "--json")):
+        for experiment in baseline.get("experiments") or []:
+            for revision in experiment.get("revs", []):
+                found[revision.get("name") or experiment.get("name")] = revision
+    return found
+
+
 @pytest.mark.e2e
-def test_flow_runs_each_stage_as_a_task_and_leaves_dvc_lock_as_dvc_repro_would(harness, tmp_path) -> None:
+def test_flow_runs_each_stage_as_a_task_in_its_workspace_and_records_a_dvc_experiment(harness, tmp_path) -> None:
     root = make_repo(tmp_path / "flow")
     original = (root / "params.yaml").read_bytes()
+    before, status_before = _git_state(root), _dvc(root, "status", "--json")
     state = pipeline.vae_pipeline(latent_dim=7, repo=str(root), return_state=True)
     assert state.is_completed(), state
     result = state.result()
     assert result["stages"] == {stage: "ran" for stage in ORDER}
+    # The work tree is as it was: params.yaml, git's view, DVC's view; no output, no workspace left.
+    assert (root / "params.yaml").read_bytes() == original
+    assert _git_state(root) == before and _dvc(root, "status", "--json") == status_before
+    assert not (root / "out").exists() and not (root / "dvc.lock").exists()
+    assert not any((root / workspace.WORKSPACES).iterdir())
+
+    # Recorded as a DVC experiment named after the flow run, with its parameters.
+    name = result["experiment"]["name"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert name == flow_run.name
+    listed = _experiments(root)
+    assert name in listed, listed
+    assert listed[name]["data"]["params"]["params.yaml"]["data"]["model"]["latent_dim"] == 7
+    assert listed[name]["data"]["rev"] == result["experiment"]["commit"]
+
+    # `dvc exp apply` brings it into the work tree: the same dvc.lock as the change made by hand
+    # and `dvc repro` in a twin repository, and DVC finds everything up to date.
+    _dvc(root, "exp", "apply", name)
     assert (root / "out/summary.txt").read_text() == "latent_dim 7"
-    assert (root / "params.yaml").read_bytes() == original  # the override did not stay
-
-    # The same change made by hand and `dvc repro` in a twin repository: the same dvc.lock.
     twin = make_repo(tmp_path / "twin")
-    params = (twin / "params.yaml").read_text()
-    (twin / "params.yaml").write_text(params.replace("latent_dim: 20", "latent_dim: 7"))
-    _run(twin, sys.executable, "-m", "dvc", "repro")
+    (twin / "params.yaml").write_text((twin / "params.yaml").read_text().replace("latent_dim: 20", "latent_dim: 7"))
+    _dvc(twin, "repro")
     assert yaml.safe_load((root / "dvc.lock").read_text()) == yaml.safe_load((twin / "dvc.lock").read_text())
+    assert _dvc(root, "status", "--json").strip() == "{}"
 
-    # Nothing changed: DVC skips every stage and the tasks say so.
+    # Nothing changed since: DVC skips every stage in the next run's workspace and the tasks say so.
     again = pipeline.vae_pipeline(latent_dim=7, repo=str(root), return_state=True)
     assert again.result()["stages"] == {stage: "skipped" for stage in ORDER}
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id])))
-    assert sorted(run.name for run in runs) == sorted(ORDER)
-    assert {run.state.name for run in runs} == {pipeline.SKIPPED} and all(run.state.is_completed() for run in runs)
+    stages = [run for run in runs if run.name in ORDER]
+    assert sorted(run.name for run in stages) == sorted(ORDER)
+    assert {run.state.name for run in stages} == {pipeline.SKIPPED} and all(run.state.is_completed() for run in stages)
+    assert [run.name for run in runs if run.name not in ORDER] == [f"record-experiment-{run.name.split('-')[-1]}"
+                                                                  for run in runs if run.name not in ORDER]
 
 
 @pytest.mark.e2e
-def test_a_failing_stage_fails_the_flow_and_restores_params(harness, tmp_path) -> None:
+def test_a_failing_stage_fails_the_flow_and_leaves_the_work_tree_as_it_was(harness, tmp_path) -> None:
     root = make_repo(tmp_path / "repo")
     original = (root / "params.yaml").read_bytes()
+    before = _git_state(root)
     state = pipeline.vae_pipeline(set_params=["train.epochs=13"], repo=str(root), return_state=True)
     assert state.is_failed()
     with pytest.raises(dvc_repo.StageFailed, match=r"stage check failed[\s\S]*epochs = 13 is refused"):
         state.result()
-    assert (root / "params.yaml").read_bytes() == original
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"write", "summarize"}  # completed stages stay recorded; check is not
-    assert not (root / "out/checked.txt").exists()
+    assert (root / "params.yaml").read_bytes() == original and _git_state(root) == before
+    assert not (root / "dvc.lock").exists() and not (root / "out").exists()
+    assert _experiments(root) == {}  # a failed run records no experiment
+
+
+def _flow_process(root: Path, markers: Path, tmp_path: Path, *args: str):
+    """``python -m flows pipeline ARGS`` on ``root`` (Prefect's temporary server) in the background,
+    its stage ``write`` waiting for ``markers/go``; returns the process once that stage waits."""
+    import os
+    import time
+
+    env = {**os.environ, "FLOW_TEST_MARKERS": str(markers), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "flow.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "flows", "pipeline", "--repo", str(root), *args],
+                               cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (markers / "write.pid").exists():
+        assert process.poll() is None, (tmp_path / "flow.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, "the stage never started:\n" + (tmp_path / "flow.log").read_text()[-4000:]
+        time.sleep(0.2)
+    return process
+
+
+@pytest.mark.e2e
+def test_an_edit_to_params_made_during_a_flow_run_survives_it(tmp_path) -> None:
+    root = make_repo(tmp_path / "repo")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    process = _flow_process(root, markers, tmp_path, "--epochs", "3", "-S", "data.train_subset=5000")
+    # While the flow's stage runs: the work tree shows the user's values only; the user edits them.
+    params = (root / "params.yaml").read_text()
+    assert "train_subset: null" in params and "epochs: 30" in params
+    edited = params.replace("seed: 0", "seed: 7") + "# a note the user added while the flow ran\n"
+    (root / "params.yaml").write_text(edited)
+    (markers / "go").write_text("")
+    assert process.wait(timeout=300) == 0, (tmp_path / "flow.log").read_text()[-4000:]
+    assert (root / "params.yaml").read_text() == edited  # the edit survived
+    assert _run(root, "git", "status", "--porcelain") == " M params.yaml\n"  # and is the only change
+    experiments = _experiments(root)
+    (name, recorded), = experiments.items()
+    values = recorded["data"]["params"]["params.yaml"]["data"]
+    assert (values["train"]["epochs"], values["data"]["train_subset"]) == (3, 5000)
+    assert values["train"]["seed"] == 0  # the flow's copy was taken before the edit
+    assert f"recorded as DVC experiment {name}" in (tmp_path / "flow.log").read_text()
+
+
+@pytest.mark.e2e
+def test_a_flow_sent_sigterm_mid_stage_stops_within_seconds_and_leaves_the_work_tree(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    root = make_repo(tmp_path / "repo")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    before, original = _git_state(root), (root / "params.yaml").read_bytes()
+    process = _flow_process(root, markers, tmp_path, "--latent-dim", "3")
+    stage = psutil.Process(int((markers / "write.pid").read_text()))
+    assert stage.is_running()
+    sent = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    code = process.wait(timeout=60)
+    took = time.monotonic() - sent
+    log = (tmp_path / "flow.log").read_text()
+    assert code == 128 + signal.SIGTERM, log[-4000:]
+    assert took < 15, f"the flow took {took:.1f} s to stop:\n{log[-4000:]}"
+    assert "stopped by SIGTERM (stage write)" in log and "the work tree" in log
+    assert not stage.is_running() or stage.status() == psutil.STATUS_ZOMBIE  # the stage's process is ended
+    assert (root / "params.yaml").read_bytes() == original and _git_state(root) == before
+    assert not (root / workspace.WORKSPACES).exists() or not any((root / workspace.WORKSPACES).iterdir())
+    assert _experiments(root) == {}
+    print(f"stopped {took:.2f} s after SIGTERM")
 
 
 def test_scheduled_retraining_is_declared_with_a_weekly_cron() -> None:

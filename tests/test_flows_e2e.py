@@ -145,24 +145,43 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
                for task in tasks.values()), {name: task["state_name"] for name, task in tasks.items()}
 
     root = stack.pipe.root
-    assert (root / "params.yaml").read_bytes() == params_before  # epochs=1 was for this run only
+    # The run wrote nothing in the work tree: it is a DVC experiment, named after the flow run.
+    assert (root / "params.yaml").read_bytes() == params_before
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
+    assert not (root / "dvc.lock").exists() and not (root / "reports/metrics.json").exists()
+    name = runs[0]["name"]
+    shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
+    experiments = {rev.get("name"): rev for baseline in shown for experiment in baseline.get("experiments") or []
+                   for rev in experiment.get("revs", [])}
+    assert name in experiments, list(experiments)
+    recorded = experiments[name]["data"]
+    assert recorded["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert recorded["metrics"]["reports/metrics.json"]["data"]["test_log_likelihood"] < 0
+
+    # `dvc exp apply` brings its outputs into the work tree, where DVC then finds every stage up to date.
+    stack.pipe.dvc("exp", "apply", name)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
     metrics = stack.pipe.json("reports/metrics.json")
     assert metrics["epochs"] == 1 and metrics["test_log_likelihood"] < 0
+    assert stack.pipe.status() == {}
+    assert (root / "models/model.pt").is_file() and (root / "reports/report.html").is_file()
 
     import mlflow
 
+    from vae import tracking
+
     store = f"sqlite:///{stack.pipe.store}"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    versions = client.search_model_versions(f"name='vae-mnist' and run_id='{metrics['mlflow_run_id']}'")
+    trained = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id],
+                                 filter_string=f"tags.`{tracking.EXPERIMENT_TAG}` = '{name}'")
+    assert trained and {run.data.tags["dvc.experiment_commit"] for run in trained} == {experiments[name]["rev"]}
+    versions = client.search_model_versions(f"name='vae-mnist' and run_id='{trained[0].info.run_id}'")
     assert len(versions) == 1
 
 
 def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
     """The schedule is a setting: replaced on the server by the CLI, no code involved."""
-    # Read now: a later scheduled run may be under way when the checks below run, with its seed
-    # written into params.yaml for its duration.
     seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
     stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "20",
                   "--replace", "--accept-yes")
@@ -195,3 +214,9 @@ def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
     assert retrained[0].tags["compared_with_version"] == str(retrained[0].version)
     assert "paired_difference" not in retrained[0].tags
     assert client.get_model_version_by_alias("vae-mnist", "champion") is not None
+    # Recorded as a DVC experiment of its own; the work tree (the manual run's, applied) untouched.
+    shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
+    names = {rev.get("name") for baseline in shown for experiment in baseline.get("experiments") or []
+             for rev in experiment.get("revs", [])}
+    assert run["name"] in names, names
+    assert stack.pipe.status() == {}

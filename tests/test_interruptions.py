@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from support import KILLS, shared_pipeline
+from vae import tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +71,10 @@ def test_repro_after_the_kills_leaves_every_output_whole_and_nothing_stale(inter
     assert interrupted["temporaries"] == []
     assert interrupted["whole"] > 20
     assert interrupted["status"] == {}  # `dvc status --json`: every stage up to date
-    assert interrupted["summary"]["resumed_from_passes"] == [1], "training did not resume from its pass-1 checkpoint"
+    # The resumption is the run's record (MLflow), not the outputs': they equal an uninterrupted run's.
+    ((_, tags),) = interrupted["mlflow"]["model_runs"]
+    assert tags[tracking.RESUMED_TAG] == "1", "training did not resume from its pass-1 checkpoint"
+    assert "resumed_from_passes" not in interrupted["summary"]
     assert not interrupted["train_state_left"]
 
 
@@ -89,18 +93,24 @@ def test_resumed_training_equals_the_uninterrupted_one(interrupted: dict) -> Non
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
-    assert json.loads((scratch / "reports/train_summary.json").read_text())["resumed_from_passes"] == []
+    # Equal files, not only equal weights: DVC records the same hash for both.
+    assert (scratch / "resumed.pt").read_bytes() == (scratch / "models/model.pt").read_bytes()
+    assert json.loads((scratch / "reports/train_summary.json").read_text()) == interrupted["summary"]
 
 
 def test_mlflow_holds_each_run_once_finished_and_registered_once(interrupted: dict) -> None:
-    state, summary = interrupted["mlflow"], interrupted["summary"]
-    # One training run: the killed one, reopened by the re-run that resumed from its checkpoint.
-    assert state["trained"] == [[summary["mlflow_run_id"], "FINISHED"]]
+    state = interrupted["mlflow"]
+    # One training run: the killed one, reopened by the re-run that resumed from its checkpoint, and
+    # the one tagged with the checkpoint's hash (by which the later stages found it).
+    ((trained, _),) = state["model_runs"]
+    assert state["trained"] == [[trained, "FINISHED"]]
+    # The evaluation logged to it (it tagged it with the hash of metrics.json: visualize and report found it so).
+    assert [run_id for run_id, _ in state["metrics_runs"]] == [trained]
     # Its curves hold each point once: the pass trained again after the kill was not logged twice.
-    curves = state["curves"][summary["mlflow_run_id"]]
+    curves = state["curves"][trained]
     assert curves["train_elbo"] == curves["valid_elbo"] == [2000, 4000]
     assert curves["train_elbo_step"] == [500 * (i + 1) for i in range(8)]  # every 5 minibatches of 100
     ((run_id, tags),) = state["versions"]  # the killed evaluate registered nothing, its re-run once
-    assert run_id == summary["mlflow_run_id"]
+    assert run_id == trained
     metrics = interrupted["metrics"]
     assert float(tags["test_log_likelihood"]) == pytest.approx(metrics["test_log_likelihood"], abs=1e-3)

@@ -22,10 +22,38 @@ pytestmark = pytest.mark.e2e
 
 STAGES = ("download", "binarize", "train", "evaluate", "visualize", "sweep-data@mnist", "sweep-data@frey",
           "sweep-frey@2-aevb-0", "sweep-report", "report")
-# The figures the report shows for this latent_dim = 2 MNIST run (samples.png is the same draws as
-# Figure 5's panel of this run, so the report shows it only without Figure 5).
-FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
-           "prior_samples_by_latent_dim", "reconstructions", "latent_space")
+# The figures the report shows for this latent_dim = 2 MNIST run. support.SMALL's sweep has no MNIST
+# member, so no Figure 5 (test_a_sweep_member_on_the_dataset_joins_figure_5 adds one); Figure 2 is the sweep's.
+FIGURES = ("elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold", "samples", "reconstructions",
+           "latent_space")
+
+
+def tagged_run(pipeline: Pipeline, tag: str, relative: str) -> str | None:
+    """The newest run of the pipeline's MLflow store tagged ``tag`` with the SHA-256 of its file
+    ``relative``, as the stages find their run (vae.tracking.training_run_id, evaluation_run_id)."""
+    from mlflow import MlflowClient
+
+    from vae.io import file_sha256
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline.store}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`{tag}` = '{file_sha256(pipeline.root / relative)}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def training_run(pipeline: Pipeline) -> str | None:
+    """The run that trained the pipeline's models/model.pt."""
+    from vae.tracking import MODEL_TAG
+
+    return tagged_run(pipeline, MODEL_TAG, "models/model.pt")
+
+
+def evaluation_run(pipeline: Pipeline) -> str | None:
+    """The run the pipeline's reports/metrics.json was logged to."""
+    from vae.tracking import METRICS_TAG
+
+    return tagged_run(pipeline, METRICS_TAG, "reports/metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +73,11 @@ def test_repro_runs_every_stage_and_writes_the_outputs(pipeline: Pipeline) -> No
                  "t10k-labels-idx1-ubyte"):
         assert (root / "data/raw/mnist" / name).stat().st_size > 0
     assert not list((root / "data/raw/mnist").glob(".*tmp")), "temporary download files left behind"
-    for name in FIGURES + ("samples",):
+    for name in FIGURES:
         assert (root / "reports/figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = pipeline.json("reports/figures/figure_runs.json")
-    summary = pipeline.json("reports/train_summary.json")
-    for figure in ("lower_bound_runs", "prior_samples_by_latent_dim"):  # a fresh store: this run alone
-        assert [(r["run_id"], r["latent_dim"], r["current"]) for r in runs[figure]] == [
-            (summary["mlflow_run_id"], 2, True)]
+    assert not (root / "reports/figures/prior_samples_by_latent_dim.png").exists()
+    assert pipeline.json("reports/figures/figure_members.json") == {"prior_samples_by_latent_dim": {
+        "dataset": "mnist", "algorithm": "aevb", "declared": [], "not_run": [], "shown": []}}
 
 
 def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
@@ -78,10 +104,19 @@ def test_metrics_hold_the_required_fields(pipeline: Pipeline) -> None:
     assert rows[0] == "k,test_log_likelihood,test_stderr,train_log_likelihood,train_stderr" and len(rows) == 4
     per_example = (pipeline.root / "reports/log_likelihood_per_example.csv").read_text().splitlines()
     assert len(per_example) == 1 + 500 + 2000
-    assert metrics["train_seconds"] > 0
     curve = (pipeline.root / "reports/elbo_curve.csv").read_text().splitlines()
-    assert curve[0].startswith("epoch,examples_seen,train_elbo,valid_elbo,test_elbo") and len(curve) == 3
+    assert curve[0] == "epoch,examples_seen,train_elbo,valid_elbo,test_elbo,learning_rate" and len(curve) == 3
     assert curve[-1].split(",")[1] == str(2 * 2000)
+    # How the execution went is MLflow's (tests/test_determinism.py: two executions, one dvc.lock).
+    summary = pipeline.json("reports/train_summary.json")
+    volatile = {"train_seconds", "evaluate_seconds", "ais_seconds", "mlflow_run_id", "resumed_from_passes"}
+    assert not volatile & (set(metrics) | set(summary))
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{pipeline.store}").get_run(evaluation_run(pipeline))
+    assert run.info.run_id == training_run(pipeline)  # the evaluation logged to the training run
+    assert {"train_seconds", "evaluate_seconds", "ais_seconds"} <= set(run.data.metrics)
+    assert all(run.data.metrics[key] > 0 for key in ("train_seconds", "evaluate_seconds", "ais_seconds"))
 
 
 def test_metrics_say_how_tight_the_bound_is(pipeline: Pipeline) -> None:
@@ -158,8 +193,8 @@ def test_retraining_reevaluates_the_registered_champion_without_setting_mlflow_g
 
     [champion] = tracking.client_for(root).search_model_versions("name='vae-mnist'")
     metrics = pipeline.json("reports/metrics.json")
-    assert champion.run_id == metrics["mlflow_run_id"]
-    reevaluated = champion_reevaluation(root, metrics, logging.getLogger(__name__))(champion)
+    assert champion.run_id == training_run(pipeline)
+    reevaluated = champion_reevaluation(root, root, metrics, logging.getLogger(__name__))(champion)
 
     table = pd.read_csv(pipeline.root / "reports/log_likelihood_per_example.csv")
     stage = table[table["split"] == "test"].sort_values("index")["log_likelihood"].to_numpy()
@@ -179,9 +214,10 @@ def test_report_embeds_figures_and_shows_the_metrics(pipeline: Pipeline) -> None
     lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text())["stages"]
     model_md5 = next(out["md5"] for out in lock["train"]["outs"] if out["path"].endswith("model.pt"))
     assert f"models/model.pt md5 {model_md5}" in html
-    summary = pipeline.json("reports/train_summary.json")
-    assert summary["mlflow_run_id"] in html
+    assert training_run(pipeline) in html  # the report's provenance: read from MLflow, not from a DVC output
     markdown = (pipeline.root / "reports/report.md").read_text()
+    wall = re.search(r"\| training wall time \| ([^|]+) \|", markdown).group(1).strip()
+    assert re.fullmatch(r"\d+\.\d s", wall), wall  # the run's train_seconds, not "not recorded"
     assert f"{metrics['test_log_likelihood']:.2f}" in markdown
     assert "(figures/manifold.png)" in markdown
     for text in (html, markdown):  # the tightness table: AIS beside L_k, BDMC, App. D, Wu et al.
@@ -269,8 +305,7 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
     experiment_id = experiment["experiment"]["experiment_id"]
     runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search",
                  {"experiment_ids": [experiment_id], "order_by": ["attributes.start_time DESC"]})["runs"]
-    summary = pipeline.json("reports/train_summary.json")
-    latest = next(run for run in runs if run["info"]["run_id"] == summary["mlflow_run_id"])
+    latest = next(run for run in runs if run["info"]["run_id"] == training_run(pipeline))
     assert latest["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in latest["data"]["params"]}
     assert params["model.latent_dim"] == "2" and params["evaluate.importance_samples"] == "50"
@@ -299,7 +334,7 @@ def test_mlflow_server_shows_runs_curves_and_registered_model(pipeline: Pipeline
 
     artifacts = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="figures")
     assert {Path(f["path"]).name for f in artifacts["files"]} >= {f"{name}.png" for name in FIGURES} | {
-        "samples.png", "figure_runs.json"}
+        "figure_members.json"}
 
     versions = _get(mlflow_server, "/api/2.0/mlflow/model-versions/search", filter="name='vae-mnist'")
     mine = [v for v in versions["model_versions"] if v["run_id"] == run_id]
@@ -344,8 +379,8 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
               for tag in images}
     assert len(images) == len(FIGURES) + 1 == len(widths), list(widths)  # + the sweep's figure
     assert all(width > 0 for width in widths.values()), widths
-    assert "Lower bound during training (cf. AEVB Figure 2)" in widths
-    assert "Samples from the prior (cf. AEVB Figure 5)" in widths
+    assert "Samples from the prior" in widths
+    assert "Samples from the prior by latent size (cf. AEVB Figure 5)" not in widths  # no MNIST member
     assert "Learned 2-D manifold (cf. AEVB Figure 4)" in widths
     assert "Latent-size sweep (cf. AEVB Figure 2)" in widths
 
@@ -386,7 +421,7 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
 
     MLflow params are final: a re-evaluation with another k must not fail on the training
     run's params; it logs to a child run, which visualize and report follow."""
-    before = pipeline.json("reports/metrics.json")
+    before = evaluation_run(pipeline)
     stamps = pipeline.output_stamps()
     set_params(pipeline.root / "params.yaml", {"evaluate": {"importance_samples": 20}})
     pipeline.dvc("repro")
@@ -394,15 +429,15 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
     assert not rerun & {"download", "binarize", "train"}, rerun
     assert {"evaluate", "visualize", "report"} <= rerun, rerun
     after = pipeline.json("reports/metrics.json")
-    trained = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
-    assert after["importance_samples"] == 20 and after["mlflow_run_id"] not in (None, trained)
-    assert after["mlflow_run_id"] != before["mlflow_run_id"]
-    assert after["mlflow_run_id"] in (pipeline.root / "reports/report.html").read_text()
+    trained, evaluated = training_run(pipeline), evaluation_run(pipeline)
+    assert after["importance_samples"] == 20 and evaluated not in (None, trained)
+    assert evaluated != before
+    assert evaluated in (pipeline.root / "reports/report.html").read_text()
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline.store}")
-    child = client.get_run(after["mlflow_run_id"])
+    child = client.get_run(evaluated)
     assert child.data.tags["mlflow.parentRunId"] == trained
     assert child.data.params["evaluate.importance_samples"] == "20"
     assert child.data.metrics["test_log_likelihood"] == pytest.approx(after["test_log_likelihood"], abs=1e-3)
@@ -412,20 +447,26 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
 
 
 
-def test_a_second_latent_size_joins_figures_2_and_5(pipeline: Pipeline) -> None:
-    """After the module's other tests (it trains another model): a run with latent_dim = 3 draws the
-    latest finished latent_dim = 2 run from the MLflow store beside itself in Figures 2 and 5."""
-    previous = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
+def test_a_sweep_member_on_the_dataset_joins_figure_5(pipeline: Pipeline) -> None:
+    """After the module's other tests (it trains a sweep member): an AEVB member declared on the main
+    run's dataset runs before visualize, whose dependencies its outputs are, and Figure 5 shows it
+    from those files; the main run is not retrained, and `dvc status` is clean afterwards."""
+    sweep = yaml.safe_load((pipeline.root / "params.yaml").read_text())["sweep"]
+    small = {**sweep["settings"]["frey"], "data": sweep["settings"]["mnist"]["data"]}  # a tiny MNIST member
+    set_params(pipeline.root / "params.yaml", {"sweep": {"latent_dims": {**sweep["latent_dims"], "mnist": [3]},
+                                                         "settings": {**sweep["settings"], "mnist": small}}})
     stamps = pipeline.output_stamps()
-    set_params(pipeline.root / "params.yaml", {"model": {"latent_dim": 3}})
     pipeline.dvc("repro")
-    assert {"train", "evaluate", "visualize", "report"} <= pipeline.stages_rerun(stamps)
-    current = pipeline.json("reports/train_summary.json")["mlflow_run_id"]
-    runs = pipeline.json("reports/figures/figure_runs.json")
-    for figure in ("lower_bound_runs", "prior_samples_by_latent_dim"):
-        assert [(r["latent_dim"], r["run_id"], r["current"]) for r in runs[figure]] == [
-            (2, previous, False), (3, current, True)], figure
-    assert all(r["held_out"] == "test" for r in runs["lower_bound_runs"])
+    rerun = pipeline.stages_rerun(stamps)
+    assert {"sweep-mnist@3-aevb-0", "visualize", "sweep-report", "report"} <= rerun, rerun
+    assert not rerun & {"train", "evaluate"}, rerun
+    assert pipeline.status() == {}
+    lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text())["stages"]
+    assert {"reports/sweep/members", "models/sweep"} <= {dep["path"] for dep in lock["visualize"]["deps"]}
+    [shown] = pipeline.json("reports/figures/figure_members.json")["prior_samples_by_latent_dim"]["shown"]
+    member = pipeline.json("reports/sweep/members/mnist-z3-aevb-s0/train_summary.json")
+    assert (shown["member"], shown["latent_dim"], shown["seed"]) == ("mnist-z3-aevb-s0", 3, 0)
+    assert shown["examples_seen"] == member["examples_seen"] == 6000
     html = (pipeline.root / "reports/report.html").read_text()
-    assert previous in html and "Shown: N_z = 2, N_z = 3 (this run)." in html
-    assert "manifold" not in {p.stem for p in (pipeline.root / "reports/figures").glob("*.png")}  # z is 3-D now
+    assert "Shown: mnist-z3-aevb-s0 (N_z = 3, seed 0, 6,000 training examples evaluated)." in html
+    assert (pipeline.root / "reports/figures/prior_samples_by_latent_dim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,22 +25,32 @@ METRICS = {
     "train_log_likelihood": -96.25, "train_log_likelihood_stderr": 0.5, "train_test_gap": 0.87,
     "train_elbo": -100.0, "valid_elbo": -101.0, "active_units": 17,
     "bound_curve": {"1": -101.6, "5": -99.3, "50": -97.1234},
-    "train_seconds": 12.0, "evaluate_seconds": 3.0,
 }
-FIGURES = ("samples", "elbo_curves", "lower_bound_runs", "prior_samples_by_latent_dim")
+FIGURES = ("samples", "elbo_curves", "prior_samples_by_latent_dim")
 
 
-def _write_inputs(reports, metrics=METRICS, summary=None, figures=FIGURES, runs=None):
+def _member(name, latent_dim, seed=0, examples_seen=200000):
+    """A sweep member as the visualize stage lists it in figure_members.json."""
+    return {"member": name, "stage": f"sweep-mnist@{latent_dim}-aevb-{seed}", "dataset": "mnist",
+            "binarization": "dynamic", "latent_dim": latent_dim, "algorithm": "aevb", "seed": seed,
+            "examples_seen": examples_seen, "train_examples": 10000,
+            "checkpoint": f"models/sweep/mnist-z{latent_dim}-aevb-s{seed}/model.pt"}
+
+
+# Figure 5's members: N_z 5 (its name hostile) and 20 shown, N_z 50 declared but not run.
+MEMBERS = {"dataset": "mnist", "algorithm": "aevb",
+           "declared": ["sweep-mnist@5-aevb-0", "sweep-mnist@20-aevb-0", "sweep-mnist@50-aevb-0"],
+           "not_run": ["sweep-mnist@50-aevb-0"],
+           "shown": [_member(HOSTILE, 5, examples_seen=150000), _member("mnist-z20-aevb-s0", 20, seed=1)]}
+NO_MEMBERS = {"dataset": "mnist", "algorithm": "aevb", "declared": [], "not_run": [], "shown": []}
+
+
+def _write_inputs(reports, metrics=METRICS, summary=None, figures=FIGURES, members=MEMBERS):
     """The evaluate, train and visualize stages' outputs in ``reports``; the parameters reading them."""
     (reports / "figures").mkdir(parents=True, exist_ok=True)
     for name in figures:
         (reports / "figures" / f"{name}.png").write_bytes(PNG_1x1)
-    if runs is None:
-        run = {"run_id": "abc123", "name": HOSTILE, "dataset": "mnist", "binarization": "dynamic",
-               "profile": "quick", "latent_dim": 5, "current": False, "held_out": "validation", "points": 3}
-        this = {**run, "run_id": None, "name": "this run", "latent_dim": 20, "current": True, "held_out": "test"}
-        runs = {"lower_bound_runs": [run, this], "prior_samples_by_latent_dim": [run, this]}
-    (reports / "figures" / "figure_runs.json").write_text(json.dumps(runs))
+    (reports / "figures" / "figure_members.json").write_text(json.dumps({"prior_samples_by_latent_dim": members}))
     (reports / "metrics.json").write_text(json.dumps(metrics))
     summary = summary or {"train_examples": 50000, "examples_seen": 150000, "device": HOSTILE, "mlflow_run_id": None}
     (reports / "train_summary.json").write_text(json.dumps(summary))
@@ -109,20 +119,18 @@ def test_html_escapes_values_and_embeds_images(written) -> None:
     markdown = (reports / "report.md").read_text()
     assert HOSTILE not in html and "<script>" not in html
     assert "&lt;script&gt;" in html
-    # Figure 5 present: samples.png (the same draws as this run's panel) is not shown twice; Figure 2 first.
+    # This run's samples, then Figure 5 (the sweep members'); Figure 2 is the sweep section's, not a figure here.
     assert html.count("data:image/png;base64,") == 3
     figures = md_figures(markdown)
     assert [path for path, _, _ in figures] == [
-        "figures/lower_bound_runs.png", "figures/elbo_curves.png", "figures/prior_samples_by_latent_dim.png"]
+        "figures/elbo_curves.png", "figures/samples.png", "figures/prior_samples_by_latent_dim.png"]
     context = _context(reports)
-    assert [f["name"] for f in context["figures"]] == ["lower_bound_runs", "elbo_curves", "prior_samples_by_latent_dim"]
+    assert [f["name"] for f in context["figures"]] == ["elbo_curves", "samples", "prior_samples_by_latent_dim"]
     figure_5 = context["figures"][2]
-    assert [(run["latent_dim"], run["current"]) for run in figure_5["runs"]] == [(5, False), (20, True)]
-    caption_2, caption_5 = figures[0][2], figures[2][2]
-    assert "N_z = 5" in caption_5 and "N_z = 20 (this run)" in caption_5  # the runs Figure 5 shows
-    assert "Runs shown: 2." in caption_2
-    assert "validation ELBO" in caption_2  # a run without a per-pass test ELBO is not called test
-    assert "abc123 (&lt;script&gt;" in html  # the run name, escaped
+    assert [(m["latent_dim"], m["seed"]) for m in figure_5["members"]] == [(5, 0), (20, 1)]
+    assert figure_5["not_run"] == ["sweep-mnist@50-aevb-0"]
+    assert "lower_bound_runs" not in html and "MLflow tracking store" not in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; (N_z = 5" in html  # the member name, escaped
     for value in ("-97.12 ± 0.43", "-96.25 ± 0.50", "-101.50", "17 of 20", "-99.30"):
         assert value in html, value
     # Published numbers of the same (dynamic) binarization only: the registry's, never static ones.
@@ -139,9 +147,9 @@ def test_markdown_escapes_values_and_links_figures(written) -> None:
     markdown = (reports / "report.md").read_text()
     table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all("<script>" not in line for line in table_lines)
-    assert "(figures/lower_bound_runs.png)" in markdown and "(figures/elbo_curves.png)" in markdown
-    assert "(figures/samples.png)" not in markdown
-    assert "abc123 (&lt;script&gt;" in markdown
+    assert "(figures/prior_samples_by_latent_dim.png)" in markdown and "(figures/elbo_curves.png)" in markdown
+    assert "(figures/samples.png)" in markdown
+    assert "&lt;script&gt;alert('x')&lt;/script&gt; (N\\_z = 5" in markdown
     assert "-97.12 ± 0.43" in markdown
 
 
@@ -150,23 +158,64 @@ def test_setup_and_provenance_rows(written) -> None:
     markdown = (reports / "report.md").read_text()
     setup = dict(md_table(markdown, "## 1. Set-up"))
     assert setup["hardware"] == HOSTILE and setup["software"] == "not recorded"
-    assert setup["training wall time"] == "12.0 s"
+    assert setup["training wall time"] == "not recorded"  # tracking off (wall times are MLflow's only)
     assert setup["dataset"].startswith("mnist (50000 train / 100 test examples")
     assert setup["architecture"].startswith("784-500-20 ")
     provenance = dict(md_table(markdown, "## 4. Provenance"))
     assert provenance["MLflow run"] == "not tracked"
     assert {"git commit", "reproduce"} <= set(provenance)
-    runs = md_table(markdown, "### Runs behind Figures 2 and 5 (MLflow tracking store)")
-    assert runs[0] == ["Fig. 2", "5", "mnist", "dynamic", "quick", "validation", f"abc123 ({HOSTILE})"]
-    assert [row[0] for row in runs] == ["Fig. 2", "Fig. 2", "Fig. 5", "Fig. 5"]
+    # Without the sweep's table, Figure 5's members alone (Figure 2's: test_figure_members_in_provenance).
+    members = md_table(markdown, "### Sweep members behind Figures 2 and 5 (DVC-tracked)")
+    assert members == [["Fig. 5", HOSTILE, "mnist", "5", "aevb", "0", "150,000"],
+                       ["Fig. 5", "mnist-z20-aevb-s0", "mnist", "20", "aevb", "1", "200,000"]]
 
 
-def test_damaged_figure_runs_file_is_named(written) -> None:
+@pytest.mark.parametrize("damage", ["[1, 2", "[1, 2]", '{"prior_samples_by_latent_dim": {"shown": [1]}}'])
+def test_damaged_figure_members_file_is_named(written, damage) -> None:
     reports, metrics = written
-    (reports / "figures" / "figure_runs.json").write_text("[1, 2")
+    (reports / "figures" / "figure_members.json").write_text(damage)
     params = Params().replace(paths=PathsConfig(reports=str(reports)))
-    with pytest.raises(VaeError, match="figure_runs.json: not valid JSON"):
+    with pytest.raises(VaeError, match=r"figure_members\.json: (not valid JSON|expected).*re-run `vae visualize`"):
         report.run(params, progress=False)
+
+
+def test_figure_members_in_provenance_and_captions(written) -> None:
+    """Figure 5's caption names the members it shows (and those not run); the provenance table lists
+    the members of Figure 2 (the sweep's table) and of Figure 5 (figure_members.json), same in both formats."""
+    reports, _ = written
+    _write_sweep(reports)
+    html, markdown = _rerun(reports)
+    heading = "### Sweep members behind Figures 2 and 5 (DVC-tracked)"
+    rows = md_table(markdown, heading)
+    assert rows == html_table(html, "<h3>Sweep members behind Figures 2 and 5")
+    assert rows == [["Fig. 2", "<script>alert('z3'),</script>", "mnist", "3", "aevb", "0", "200,000"],
+                    ["Fig. 2", "mnist-z20-aevb-s0", "mnist", "20", "aevb", "0", "200,000"],
+                    ["Fig. 5", HOSTILE, "mnist", "5", "aevb", "0", "150,000"],
+                    ["Fig. 5", "mnist-z20-aevb-s0", "mnist", "20", "aevb", "1", "200,000"]]
+    caption = {path: caption for path, _, caption in md_figures(markdown)}["figures/prior_samples_by_latent_dim.png"]
+    assert f"Shown: {HOSTILE} (N_z = 5, seed 0, 150,000 training examples evaluated), mnist-z20-aevb-s0 " \
+           "(N_z = 20, seed 1, 200,000 training examples evaluated)." in caption
+    assert "AEVB on mnist (dynamic binarization), the lowest seed of each N_z" in caption
+    assert "Not run, so not shown: sweep-mnist@50-aevb-0." in caption
+    for text in (html_text.unescape(html), markdown.replace("\\", "")):
+        assert "AEVB Figure 2, the lower bound against the number of training examples evaluated for each " \
+               "latent size, is the latent-size sweep's figure" in text
+        assert "left out" not in text
+
+
+@pytest.mark.parametrize(("members", "reason"), [
+    (NO_MEMBERS, "the latent-size sweep declares no AEVB member on mnist (params.yaml: sweep.latent_dims.mnist"),
+    ({**NO_MEMBERS, "declared": ["sweep-mnist@3-aevb-0"], "not_run": ["sweep-mnist@3-aevb-0"]},
+     "the latent-size sweep's AEVB members on mnist have not run (sweep-mnist@3-aevb-0)")])
+def test_report_says_why_figure_5_is_left_out(tmp_path, monkeypatch, members, reason) -> None:
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    params = _write_inputs(reports, figures=("samples", "elbo_curves"), members=members)
+    report.run(params, progress=False)
+    html, markdown = (reports / "report.html").read_text(), (reports / "report.md").read_text()
+    for text in (html_text.unescape(html), markdown.replace("\\", "")):
+        assert "Samples from the prior by latent size (cf. AEVB Figure 5) are left out: " + reason in text
+        assert "Sweep members behind" not in text  # no sweep table and no member shown: no rows
 
 
 def test_markdown_escape() -> None:
@@ -229,14 +278,11 @@ def test_a_rewritten_dvc_lock_alone_is_not_an_uncommitted_change(tmp_path, monke
 # --------------------------------------------------------------------------- the latent-size sweep
 
 SWEEP_HEADER = ("member,dataset,latent_dim,algorithm,seed,examples_seen,train_elbo,test_elbo,importance_samples,"
-                "test_log_likelihood,test_log_likelihood_stderr,active_units,train_seconds,evaluate_seconds,"
-                "started,finished,host,mlflow_run_id")
+                "test_log_likelihood,test_log_likelihood_stderr,active_units")
 # Written out of order (N_z 20 before 3: a text sort would keep it so); the second member's name is hostile.
 SWEEP_ROWS = (
-    ("mnist-z20-aevb-s0,mnist,20,aevb,0,200000,-105.123,-106.456,100,-101.789,0.2345,12,61.25,4.5,"
-     "2024-05-01T10:00:00.000+00:00,2024-05-01T10:01:05.000+00:00,host-a,"),
-    ("\"<script>alert('z3'),</script>\",mnist,3,aevb,0,200000,-140.5,-141.25,100,-138.004,0.5,3,33.75,2.5,"
-     "2024-05-01T10:00:00.000+00:00,2024-05-01T10:00:40.000+00:00,host-a,run42"),
+    "mnist-z20-aevb-s0,mnist,20,aevb,0,200000,-105.123,-106.456,100,-101.789,0.2345,12",
+    "\"<script>alert('z3'),</script>\",mnist,3,aevb,0,200000,-140.5,-141.25,100,-138.004,0.5,3",
 )
 
 
@@ -270,8 +316,8 @@ def test_sweep_section_shows_the_figure_and_the_members(written) -> None:
     assert "2 members" in caption and "k = 100 importance samples" in caption
     for text in (html, markdown):
         assert "<script>" not in text and "&lt;script&gt;alert(" in text  # the hostile member name, escaped
-        for value in ("-140.50", "-141.25", "-138.00 ± 0.50", "3 of 3", "33.75",
-                      "-105.12", "-106.46", "-101.79 ± 0.23", "12 of 20", "61.25", "200,000"):
+        for value in ("-140.50", "-141.25", "-138.00 ± 0.50", "3 of 3",
+                      "-105.12", "-106.46", "-101.79 ± 0.23", "12 of 20", "200,000"):
             assert value in text, value
         assert text.index("-138.00 ± 0.50") < text.index("-101.79 ± 0.23")  # sorted by N_z: 3 before 20
         assert "not the paper" in text  # a quick sweep's numbers are never passed off as the paper's
@@ -279,8 +325,8 @@ def test_sweep_section_shows_the_figure_and_the_members(written) -> None:
     assert rows == html_table(html, "<h2>4. Latent-size sweep (cf. AEVB Figure 2)</h2>")
     assert [row[2] for row in rows] == ["3", "20"] and rows[0][0] == "<script>alert('z3'),</script>"
     assert rows[1] == ["mnist-z20-aevb-s0", "mnist", "20", "aevb", "0", "200,000", "-105.12", "-106.46",
-                       "-101.79 ± 0.23", "12 of 20", "61.25"]
-    note = markdown.split("| 61.25 |\n", 1)[1].strip().splitlines()[0]
+                       "-101.79 ± 0.23", "12 of 20", "-"]  # wall time: MLflow's, tracking is off
+    note = markdown.split("| 12 of 20 | - |\n", 1)[1].strip().splitlines()[0]
     assert "200,000" in note and "10,000" in note and "1,000" in note  # training length and subsets
     assert "test L\\_100 ± s.e." in markdown
     assert "![Latent-size sweep (cf. AEVB Figure 2)](sweep/lower_bound_sweep.png)" in markdown
@@ -344,7 +390,7 @@ FREY_METRICS = {**METRICS, "dataset": "frey", "binarization": "none", "latent_di
                 "bound_curve": {"1": 1100.0, "50": 1234.5678}}
 FREY_SUMMARY = {"train_examples": 1565, "examples_seen": 156500, "likelihood": "gaussian", "algorithm": "wake-sleep",
                 "samples": 3, "epochs": 100}
-ALL_FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
+ALL_FIGURES = ("elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
                "prior_samples_by_latent_dim", "samples", "reconstructions", "latent_space")
 # Context keys whose strings are data however long: embedded PNGs, file paths, the parameters' YAML.
 LONG_DATA = {"data", "path", "sweep_missing", "params_yaml"}
@@ -398,7 +444,8 @@ def test_both_formats_say_the_same(written) -> None:
     for md_heading, html_heading in (("## 1. Set-up", "<h2>1. Set-up</h2>"), ("## 2. Results", "<h2>2. Results</h2>"),
                                      ("## 4. Latent-size sweep (cf. AEVB Figure 2)", "<h2>4. Latent-size sweep"),
                                      ("## 5. Provenance", "<h2>5. Provenance</h2>"),
-                                     ("### Runs behind Figures 2 and 5 (MLflow tracking store)", "<h3>Runs behind")):
+                                     ("### Sweep members behind Figures 2 and 5 (DVC-tracked)",
+                                      "<h3>Sweep members behind")):
         rows = md_table(markdown, md_heading)
         assert rows and rows == html_table(html, html_heading), md_heading
     figures = md_figures(markdown)
@@ -434,7 +481,8 @@ def test_static_mnist_is_set_beside_static_numbers_only(tmp_path, monkeypatch) -
     monkeypatch.setenv("VAE_TRACKING", "off")
     reports = tmp_path / "reports"
     params = _write_inputs(reports, metrics={**METRICS, "binarization": "static", "latent_dim": 2},
-                           figures=ALL_FIGURES, runs={})
+                           figures=[name for name in ALL_FIGURES if name != "prior_samples_by_latent_dim"],
+                           members=NO_MEMBERS)
     report.run(params, progress=False)
     markdown = (reports / "report.md").read_text()
     context = _context(reports, params)
@@ -445,13 +493,13 @@ def test_static_mnist_is_set_beside_static_numbers_only(tmp_path, monkeypatch) -
     assert not context["data"]["labelled"]  # Larochelle's files carry no labels
     captions = {path: caption for path, _, caption in md_figures(markdown)}
     assert "digit" not in captions["figures/latent_space.png"] and "latent_dim" not in captions["figures/latent_space.png"]
-    assert "Runs shown: 0." in captions["figures/lower_bound_runs.png"]
-    assert "figures/samples.png" not in captions  # Figure 5 shows the same draws
+    assert "figures/prior_samples_by_latent_dim.png" not in captions and "figures/samples.png" in captions
+    assert "(cf. AEVB Figure 5) are left out: the latent-size sweep declares no AEVB member" in markdown
 
 
 TIGHTNESS = {
     "ais_temperatures": 200, "ais_chains": 16, "ais_leapfrog_steps": 10, "ais_initial": "encoder",
-    "ais_schedule": "sigmoid", "ais_seconds": 41.0,
+    "ais_schedule": "sigmoid",
     "test_ais_examples": 32, "test_ais_log_likelihood": -90.6609, "test_ais_log_likelihood_stderr": 4.9662,
     "test_ais_bound": -91.8278, "test_ais_elbo": -96.948, "test_ais_gap": 1.1669, "test_ais_gap_stderr": 0.2103,
     "test_ais_acceptance_rate": 0.86,

@@ -14,6 +14,7 @@ import yaml
 from vae import sweep, tracking
 from vae.config import Member, Params, PathsConfig, find_member, load_params, params_from_dict
 from vae.errors import ConfigError, DataError
+from vae.io import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_member_params_are_defaults_with_settings_and_member_values():
     chosen = sweep.member_params(config, MEMBER).to_dict()
     expected = Params().to_dict()
     expected["evaluate"].update(ais_test_examples=0, ais_train_examples=0, bdmc_examples=0)  # off unless asked
-    for section, values in config.settings["mnist"].items():
+    for section, values in [*config.settings["mnist"].items(), *config.operational.items()]:
         expected[section].update(values)
     expected["data"]["dataset"] = "mnist"
     expected["model"]["latent_dim"] = 3
@@ -296,18 +297,19 @@ def member_values(member: Member) -> dict:
     return {"train_elbo": base - 2 * member.seed, "test_elbo": base - 2 * member.seed - 1}
 
 
-def write_member(params: Params, member: Member, mlflow_run_id: str | None = None) -> Path:
+def write_member(params: Params, member: Member) -> Path:
+    """The member's folder as its stage writes it: metrics.json (the numbers only, as vae.evaluate
+    writes them: no wall time, no run id), train_summary.json, member.json, elbo_curve.csv."""
     folder = Path(sweep.sweep_paths(params.paths, member).reports)
     folder.mkdir(parents=True)
     values = member_values(member)
     (folder / "metrics.json").write_text(json.dumps({
+        "dataset": member.dataset, "latent_dim": member.latent_dim, "algorithm": member.algorithm,
         "examples_seen": 2000, **values, "importance_samples": 100,
         "test_log_likelihood": values["test_elbo"] + 3, "test_log_likelihood_stderr": 0.25 + member.seed,
-        "active_units": member.latent_dim, "train_seconds": 12.5, "evaluate_seconds": 1.5,
-        "mlflow_run_id": "evaluate-child-run"}))
-    (folder / "train_summary.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id or f"run-{member.name}"}))
-    (folder / "member.json").write_text(json.dumps({"member": member.name, "started": f"start-{member.name}",
-                                                    "finished": f"end-{member.name}", "host": "testhost"}))
+        "active_units": member.latent_dim}))
+    (folder / "train_summary.json").write_text(json.dumps({"dataset": member.dataset}))
+    (folder / "member.json").write_text(json.dumps({"member": member.name, "threads": 1}))
     pd.DataFrame({"examples_seen": [1000, 2000],
                   "train_elbo": [values["train_elbo"] - 5, values["train_elbo"]],
                   "valid_elbo": [0.0, 0.0],
@@ -356,10 +358,15 @@ def test_report_table_copies_each_members_files(report_setup: Params, drawn: lis
     assert row["test_log_likelihood"] == values["test_elbo"] + 3
     assert row["test_log_likelihood_stderr"] == 1.25
     assert (row["examples_seen"], row["importance_samples"], row["active_units"]) == (2000, 100, 2)
-    assert (row["train_seconds"], row["evaluate_seconds"]) == (12.5, 1.5)
-    assert (row["started"], row["finished"], row["host"]) == (f"start-{member.name}", f"end-{member.name}",
-                                                             "testhost")
-    assert row["mlflow_run_id"] == f"run-{member.name}"  # the training run, not evaluate's child
+
+
+def test_report_table_holds_no_time_host_or_run_id(report_setup: Params, drawn: list):
+    """sweep_results.csv is a DVC output: what varies between two identical sweeps (when, where,
+    which MLflow run) is in MLflow only, so the table's bytes are the same for the same members."""
+    first = Path(sweep.run_report(report_setup, progress=False)["table"]).read_bytes()
+    header = first.decode().splitlines()[0].split(",")
+    assert not {"train_seconds", "evaluate_seconds", "started", "finished", "host", "mlflow_run_id"} & set(header)
+    assert Path(sweep.run_report(report_setup, progress=False)["table"]).read_bytes() == first
 
 
 def test_report_averages_the_seeds_of_each_group(report_setup: Params, drawn: list):
@@ -375,7 +382,7 @@ def test_report_averages_the_seeds_of_each_group(report_setup: Params, drawn: li
         [(seed0["train_elbo"] + seed1["train_elbo"]) / 2 - 5, (seed0["train_elbo"] + seed1["train_elbo"]) / 2])
     assert list(run.curves["test_elbo"]) == pytest.approx(
         [(seed0["test_elbo"] + seed1["test_elbo"]) / 2 - 5, (seed0["test_elbo"] + seed1["test_elbo"]) / 2])
-    assert (run.binarization, runs[2].binarization, run.profile) == ("dynamic", "none", "sweep-quick")
+    assert (run.binarization, runs[2].binarization, run.name) == ("dynamic", "none", "mnist-z3-wake-sleep")
 
 
 def test_report_draws_the_figure(report_setup: Params):
@@ -407,13 +414,11 @@ def test_lower_bound_sweep_rejects_no_runs(tmp_path: Path):
 
 
 def test_lower_bound_sweep_rejects_a_run_without_rows(tmp_path: Path):
-    from vae.catalogue import RunCurves
-    from vae.visualize import lower_bound_sweep
+    from vae.visualize import SweepCurves, lower_bound_sweep
 
-    empty = RunCurves(run_id=None, name="mnist-z3-aevb", dataset="mnist", binarization="dynamic",
-                      profile="sweep-quick", latent_dim=3,
-                      curves=pd.DataFrame(columns=["examples_seen", "train_elbo", "test_elbo"]))
-    with pytest.raises(ValueError, match=r"mnist-z3-aevb \(not tracked\) has no evaluated pass"):
+    empty = SweepCurves(name="mnist-z3-aevb", dataset="mnist", binarization="dynamic", latent_dim=3,
+                        curves=pd.DataFrame(columns=["examples_seen", "train_elbo", "test_elbo"]))
+    with pytest.raises(ValueError, match=r"lower_bound_sweep: mnist-z3-aevb has no evaluated pass"):
         lower_bound_sweep([empty], tmp_path / "figure.png")
 
 
@@ -471,10 +476,21 @@ def test_report_with_tracking_makes_the_members_children_of_the_sweep_run(tmp_pa
     client = mlflow_client()
     parent = sweep.sweep_run(params)
     experiment_id = client.get_run(parent).info.experiment_id
-    children = {}
+    children, evaluations = {}, {}
+    first = sweep.members(params.sweep)[0]
     for member in sweep.members(params.sweep):
+        folder = write_member(params, member)
         children[member] = client.create_run(experiment_id, run_name=member.name).info.run_id
-        write_member(params, member, mlflow_run_id=children[member])
+        # As vae.evaluate tags the run it logged to; for one member a re-evaluation's child run, whose
+        # training run (the one to adopt) is its vae.trained_run_id.
+        digest = {tracking.METRICS_TAG: file_sha256(folder / "metrics.json")}
+        if member == first:
+            evaluations[member] = client.create_run(experiment_id, run_name=f"{member.name}-evaluate", tags={
+                tracking.TRAINED_RUN_TAG: children[member], **digest}).info.run_id
+        else:
+            client.set_tag(children[member], tracking.METRICS_TAG, digest[tracking.METRICS_TAG])
+    assert evaluations
+    assert sweep.member_runs(params) == {member.name: run_id for member, run_id in children.items()}
     sweep.run_report(params, progress=False)
     assert {client.get_run(run_id).data.tags.get("mlflow.parentRunId") for run_id in children.values()} == {parent}
     assert client.get_run(parent).info.status == "FINISHED"

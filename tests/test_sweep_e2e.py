@@ -4,9 +4,10 @@
   Dask cluster of 2 worker processes, in a temporary git copy of the repository;
 - ``dvc repro`` of the same member stages in a twin copy, one after the other, without Prefect.
 
-The members must have run at the same time in the flow (their recorded time spans overlap, in
-different processes), give the same numbers and weights as the sequential run, be recorded so
-that ``dvc status`` reports the sweep up to date, and be MLflow children of one sweep run.
+The members must have run at the same time in the flow (the time spans their MLflow runs record
+overlap, in different processes), write the same files byte for byte as the sequential run (so
+the same hashes in ``dvc.lock``), be recorded so that ``dvc status`` reports the sweep up to
+date, and be MLflow children of one sweep run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from support import Pipeline, dataset_mirror
+from support import Pipeline, dataset_mirror, git
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +34,23 @@ TINY_SWEEP = {"sweep": {
         "mnist": {"data": {"binarization": "dynamic", "train_subset": 600, "eval_subset": 200}},
         "frey": {"data": {"binarization": "none"}, "model": {"hidden_dim": 32},
                  "train": {"epochs": None, "training_samples": 30000, "curve_points": 8, "elbo_eval_size": 500,
-                           "checkpoint_interval": 0, "device": "cpu"},
+                           "device": "cpu"},
                  "evaluate": {"importance_samples": 10, "bound_curve": [1, 10], "train_examples": 200,
                               "device": "cpu"}}}}}
-# Written by the run itself (wall-clock times, MLflow ids), so not compared between the two runs.
-VOLATILE = {"train_seconds", "evaluate_seconds", "mlflow_run_id"}
 
 
 def _members(root: Path) -> dict[str, Path]:
     return {name: root / "reports/sweep/members" / name for name in MEMBERS}
+
+
+def _member_runs(pipe: Pipeline) -> dict[str, dict[str, str]]:
+    """The tags of each member's MLflow training run, by member name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipe.store}")
+    experiment = client.get_experiment_by_name("vae-sweep")
+    return {run.data.tags["vae.sweep_member"]: dict(run.data.tags)
+            for run in client.search_runs([experiment.experiment_id]) if "vae.sweep_member" in run.data.tags}
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +62,28 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"})
     for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH"):
         pipe.env.pop(name, None)
+    # Without the repository's dvc.lock, whose outputs (the real MNIST run's) are in no cache here:
+    # `dvc exp apply` checks out every output its experiment's dvc.lock names.
+    git(pipe.root, "rm", "-q", "dvc.lock")
+    git(pipe.root, "commit", "-qm", "no dvc.lock")
     result = subprocess.run([sys.executable, "-m", "flows", "sweep", "--workers", "2", "--no-report"],
                             cwd=pipe.root, env=pipe.env, capture_output=True, text=True, timeout=900)
     pipe.flow_output = result.stdout + result.stderr
     assert result.returncode == 0, pipe.flow_output[-6000:]
+    # The flow wrote nothing in the work tree; its result is a DVC experiment, applied here.
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=pipe.root, capture_output=True, text=True)
+    assert status.stdout == "" and not (pipe.root / "dvc.lock").exists(), status.stdout
+    assert not (pipe.root / "reports/sweep").exists()
+    shown = json.loads(pipe.dvc("exp", "show", "--json", "--no-pager"))
+    [name] = [rev["name"] for baseline in shown for experiment in baseline.get("experiments") or []
+              for rev in experiment.get("revs", [])]
+    assert f"DVC experiment {name}" in pipe.flow_output
+    # The experiment's dvc.lock has the sweep's stages only (the flow ran no other): `dvc exp apply`
+    # checks out their outputs, and says that the main pipeline's, never run, cannot be.
+    applied = subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=pipe.root, env=pipe.env,
+                             capture_output=True, text=True, timeout=300)
+    missing = applied.stderr.split("Checkout failed for following targets:")[-1].split("Is your cache")[0].split()
+    assert applied.returncode == 0 or not any("sweep/frey" in target for target in missing), applied.stderr
     return pipe
 
 
@@ -70,15 +97,21 @@ def sequential_run(tmp_path_factory: pytest.TempPathFactory, flow_run: Pipeline)
 def test_the_flow_ran_the_members_in_parallel_on_two_dask_workers(flow_run: Pipeline) -> None:
     assert "sweep: 2 members on a local Dask cluster of 2 workers" in flow_run.flow_output
     assert "2 members ran, 0 up to date" in flow_run.flow_output
-    records = [json.loads((folder / "member.json").read_text()) for folder in _members(flow_run.root).values()]
-    spans = [(pd.Timestamp(r["started"]), pd.Timestamp(r["finished"])) for r in records]
+    from vae import sweep
+
+    # When and in which process each member ran: tags of its MLflow run (no DVC output holds them).
+    tags = _member_runs(flow_run)
+    records = [tags[name] for name in MEMBERS]
+    spans = [(pd.Timestamp(r[sweep.STARTED_TAG]), pd.Timestamp(r[sweep.FINISHED_TAG])) for r in records]
     (start_a, end_a), (start_b, end_b) = spans
     assert start_a < end_b and start_b < end_a, f"the members ran one after the other: {spans}"
-    assert records[0]["pid"] != records[1]["pid"]
-    assert all(r["threads"] == 1 for r in records)
+    assert records[0][sweep.PID_TAG] != records[1][sweep.PID_TAG]
+    assert all(r[sweep.HOST_TAG] for r in records)
+    members = [json.loads((folder / "member.json").read_text()) for folder in _members(flow_run.root).values()]
+    assert all(m["threads"] == 1 for m in members)
     table = pd.read_csv(flow_run.root / "reports/sweep/sweep_results.csv")
     assert list(table["member"]) == list(MEMBERS)
-    assert list(table["started"]) == [r["started"] for r in records]  # the overlap is in the table too
+    assert not {"started", "finished", "host", "mlflow_run_id", "train_seconds"} & set(table.columns)
     assert (flow_run.root / "reports/sweep/lower_bound_sweep.png").stat().st_size > 10000
 
 
@@ -102,20 +135,20 @@ def test_parallel_members_equal_the_sequential_dvc_repro(flow_run: Pipeline, seq
     assert "Running stage 'sweep-frey@2-aevb-0'" in sequential_run.output
     for name in MEMBERS:
         parallel, sequential = _members(flow_run.root)[name], _members(sequential_run.root)[name]
-        one, two = (json.loads((folder / "metrics.json").read_text()) for folder in (parallel, sequential))
-        assert {k: v for k, v in one.items() if k not in VOLATILE} == {k: v for k, v in two.items() if k not in VOLATILE}
-        curves = [pd.read_csv(folder / "elbo_curve.csv").drop(columns="seconds") for folder in (parallel, sequential)]
-        pd.testing.assert_frame_equal(*curves)
-        for file in ("bound_curve.csv", "log_likelihood_per_example.csv", "train_steps.csv"):
+        files = sorted(path.name for path in parallel.iterdir())
+        assert {"metrics.json", "train_summary.json", "member.json", "elbo_curve.csv"} <= set(files)
+        assert files == sorted(path.name for path in sequential.iterdir())
+        for file in files:  # every output, byte for byte: no time, host or run id in any of them
             assert (parallel / file).read_bytes() == (sequential / file).read_bytes(), f"{name}/{file}"
         models = [load_model(root / f"models/sweep/{name}/model.pt") for root in (flow_run.root, sequential_run.root)]
         for (key, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
             assert torch.equal(a, b), f"{name}: {key} differs"
-    # Both record the same inputs in dvc.lock (dependencies and parameters) for every sweep stage.
+        assert len({(root / f"models/sweep/{name}/model.pt").read_bytes()
+                    for root in (flow_run.root, sequential_run.root)}) == 1, f"{name}: model.pt differs"
+    # Both record the same dvc.lock entry (dependencies, parameters and outputs' hashes) for every sweep stage.
     locks = [yaml.safe_load((pipe.root / "dvc.lock").read_text())["stages"] for pipe in (flow_run, sequential_run)]
     for stage in ("sweep-frey@2-aevb-0", "sweep-frey@2-wake-sleep-0", "sweep-data@frey"):
-        assert locks[0][stage]["deps"] == locks[1][stage]["deps"], stage
-        assert locks[0][stage]["params"] == locks[1][stage]["params"], stage
+        assert locks[0][stage] == locks[1][stage], stage
 
 
 def test_members_are_mlflow_children_of_one_sweep_run(flow_run: Pipeline) -> None:

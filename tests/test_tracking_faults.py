@@ -159,7 +159,14 @@ def registration(server: dict, workspace: Path) -> dict:
     finally:
         proxy.refuse = set()
     client = _client(server)
-    run_id = yaml.safe_load((workspace / "reports/train_summary.json").read_text())["mlflow_run_id"]
+    # The training run, as the evaluate stage finds it: tagged with the checkpoint's SHA-256.
+    from vae.io import file_sha256
+    from vae.tracking import MODEL_TAG
+
+    digest = file_sha256(workspace / "models/model.pt")
+    (trained_run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                        filter_string=f"tags.`{MODEL_TAG}` = '{digest}'")
+    run_id = trained_run.info.run_id
     versions_after_refusal = client.search_model_versions(f"run_id='{run_id}'")
     status_after_refusal = client.get_run(run_id).info.status
     evaluated = vae(workspace, server["uri"], "evaluate")

@@ -28,11 +28,12 @@ import torch
 import yaml
 
 from support import REPO_ROOT, binary_split, generator, grey_split, one_thread, small_model, write_processed
-from vae import loop, objectives
+from vae import loop, objectives, tracking
 from vae.cli import main
 from vae.config import ModelConfig, Params, TrainConfig, params_from_dict
 from vae.data.splits import Split, load_splits
 from vae.errors import TrainingError
+from vae.io import file_sha256
 from vae.model import VAE, read_checkpoint
 from vae.loop import (
     ResumableState,
@@ -120,8 +121,24 @@ def reference(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         assert train_in_process(params) == 0
     assert not (root / "models" / "train_state.pt").exists()
     summary = json.loads((root / "reports" / "train_summary.json").read_text())
-    assert summary["epochs"] == RESUME_EPOCHS and summary["resumed_from_passes"] == []
-    return {"state": final_state(root), "curve": pd.read_csv(root / "reports" / "elbo_curve.csv")}
+    assert summary["epochs"] == RESUME_EPOCHS
+    return {"state": final_state(root), "curve": pd.read_csv(root / "reports" / "elbo_curve.csv"),
+            "outputs": output_bytes(root)}
+
+
+# The train stage's DVC outputs (dvc.yaml), relative to the run's root.
+TRAIN_OUTPUTS = ("models/model.pt", "reports/train_summary.json", "reports/elbo_curve.csv", "reports/train_steps.csv")
+
+
+def output_bytes(root: Path) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in TRAIN_OUTPUTS}
+
+
+def assert_same_outputs(root: Path, expected: dict[str, bytes]) -> None:
+    """The train stage's outputs under ``root`` are those of ``expected`` byte for byte: a resumed
+    training writes what an uninterrupted one writes (no wall time, resumption or run id in them),
+    so DVC records the same hashes for both."""
+    assert [name for name, data in output_bytes(root).items() if data != expected[name]] == []
 
 
 def start_training(root: Path, params: Path, tracking: bool = False) -> subprocess.Popen:
@@ -188,12 +205,12 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(reference, processed
     assert_same_state(final_state(root), reference["state"])
     assert not (root / "models" / "train_state.pt").exists()
     summary = json.loads((root / "reports" / "train_summary.json").read_text())
-    assert summary["resumed_from_passes"] == [done]
     assert summary["epochs"] == RESUME_EPOCHS
     # The ELBO curve carries on: every evaluated pass, the same values as without the kill.
     curve = pd.read_csv(root / "reports" / "elbo_curve.csv")
     columns = ["epoch", "examples_seen", "train_elbo", "valid_elbo", "learning_rate"]
     pd.testing.assert_frame_equal(curve[columns], reference["curve"][columns])
+    assert_same_outputs(root, reference["outputs"])
 
 
 def test_resume_after_kill_9_logs_each_curve_point_once(processed, isolated, monkeypatch):
@@ -221,8 +238,14 @@ def test_resume_after_kill_9_logs_each_curve_point_once(processed, isolated, mon
     monkeypatch.setenv("VAE_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert train_in_process(params) == 0
+    # The resumed run is the killed one, found by the checkpoint's hash; it says where it resumed.
+    assert tracking.training_run_id(root / "models" / "model.pt") == run_id
+    tags = client.get_run(run_id).data.tags
+    assert tags[tracking.RESUMED_TAG] == "2"
+    assert tags[tracking.MODEL_TAG] == file_sha256(root / "models" / "model.pt")
+    assert client.get_run(run_id).data.metrics["train_seconds"] > 0
     summary = json.loads((root / "reports" / "train_summary.json").read_text())
-    assert summary["mlflow_run_id"] == run_id and summary["resumed_from_passes"] == [2]
+    assert not {"mlflow_run_id", "resumed_from_passes", "train_seconds"} & set(summary)
     per_pass = [1200 * (i + 1) for i in range(5)]  # steps: training examples seen
     for key in ("train_elbo", "valid_elbo", "test_elbo_curve", "learning_rate"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == per_pass, key
@@ -708,7 +731,8 @@ def test_wake_sleep_run_writes_the_usual_outputs_and_records_the_algorithm(proce
     assert steps[WAKE_SLEEP_STEP_COLUMNS[2:]].map(math.isfinite).all().all()
 
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(tracking.training_run_id(root / "models" / "model.pt"))
+    assert tracking.RESUMED_TAG not in run.data.tags  # it ran uninterrupted
     assert run.data.params["train.algorithm"] == "wake-sleep"
     assert run.data.tags["algorithm"] == "wake-sleep"
     assert run.data.tags["mlflow.runName"].endswith("-wake-sleep")
@@ -729,7 +753,7 @@ def wake_sleep_reference(processed: Path, tmp_path_factory: pytest.TempPathFacto
         patch.setenv("VAE_TRACKING", "off")
         assert train_in_process(params) == 0
     return {"state": final_state(root), "curve": pd.read_csv(root / "reports" / "elbo_curve.csv"),
-            "steps": pd.read_csv(root / "reports" / "train_steps.csv")}
+            "steps": pd.read_csv(root / "reports" / "train_steps.csv"), "outputs": output_bytes(root)}
 
 
 def test_wake_sleep_resume_after_kill_9_gives_the_uninterrupted_result(wake_sleep_reference, processed, isolated,
@@ -744,7 +768,8 @@ def test_wake_sleep_resume_after_kill_9_gives_the_uninterrupted_result(wake_slee
     assert f"pass {done} of {RESUME_EPOCHS}" in capsys.readouterr().out
     assert_same_state(final_state(root), wake_sleep_reference["state"])
     summary = json.loads((root / "reports" / "train_summary.json").read_text())
-    assert summary["resumed_from_passes"] == [done] and summary["algorithm"] == "wake-sleep"
+    assert summary["algorithm"] == "wake-sleep"
+    assert_same_outputs(root, wake_sleep_reference["outputs"])
     columns = ["epoch", "examples_seen", "train_elbo", "valid_elbo", "test_elbo", "learning_rate"]
     pd.testing.assert_frame_equal(pd.read_csv(root / "reports" / "elbo_curve.csv")[columns],
                                   wake_sleep_reference["curve"][columns])

@@ -16,6 +16,14 @@ parameters (the named profiles of :mod:`vae.profile`, the latent-size sweep's me
 sweep's members and their parameters (:class:`Member`, :func:`members`, :func:`member_params`,
 :func:`sweep_id`) are derived from the ``sweep`` section, which validates every member it declares.
 
+What changes a result: an *operational* knob changes no output of any stage (where checkpoints are
+written, how evaluation is cut into chunks); its ``Field`` says so and why
+(``json_schema_extra`` :data:`OPERATIONAL_KEY`, shown by ``vae params --schema``) and
+:data:`OPERATIONAL` lists them all. ``dvc.yaml`` lists every other knob under the ``params:`` of
+each stage whose outputs it changes, and no operational one, so changing an operational knob
+re-runs nothing (``tests/test_params_tracking.py`` checks both). The sweep's members take their
+operational knobs from ``sweep.operational``, never from ``sweep.settings`` (which DVC tracks).
+
 Types are as strict as the file's reader can be: an integer knob takes no bool, float or string; a
 number knob takes integers and numeric strings (YAML reads ``1e-3``, without a dot, as a string) but
 no bool, NaN or infinity; a boolean knob takes only ``true`` or ``false``.
@@ -84,6 +92,21 @@ PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0), BeforeValidator(_no_bool)]  # finite: allow_inf_nan=False below
 Rate = Annotated[float, Field(gt=0, lt=1), BeforeValidator(_no_bool)]  # strictly between 0 and 1
 UNIQUE = {"uniqueItems": True}  # a list's schema: each value once
+
+# The JSON-schema keyword that marks an operational knob: one that changes no output of any stage, so
+# that dvc.yaml lists it under no stage's `params:`; its value says why (:data:`OPERATIONAL`).
+OPERATIONAL_KEY = "x-operational"
+
+
+def _operational(reason: str) -> dict[str, str]:
+    """``json_schema_extra`` of an operational knob's ``Field``: ``reason`` is why it changes no result."""
+    return {OPERATIONAL_KEY: reason}
+
+
+def operational_knobs(cls: type[BaseModel]) -> dict[str, str]:
+    """``{key: reason}`` of the operational knobs among ``cls``'s fields (:data:`OPERATIONAL_KEY`)."""
+    return {name: field.json_schema_extra[OPERATIONAL_KEY] for name, field in cls.model_fields.items()
+            if isinstance(field.json_schema_extra, dict) and OPERATIONAL_KEY in field.json_schema_extra}
 
 
 # --------------------------------------------------------------------------- the models
@@ -318,7 +341,11 @@ class TrainConfig(Section):
     log_interval: PositiveInt = Field(50, description="Minibatches averaged into each row of train_steps.csv.")
     checkpoint_interval: Int = Field(
         60, ge=0, description="Seconds between resumable checkpoints (0: after every pass); a re-run after an "
-                              "interruption resumes from the last one.")
+                              "interruption resumes from the last one. Operational: changes no result, so DVC "
+                              "does not track it.",
+        json_schema_extra=_operational(
+            "writing a checkpoint draws no random number and changes no parameter, so model.pt and the curves are "
+            "the same bit for bit whatever the interval (tests/test_params_tracking.py); only wall time differs"))
     early_stopping_patience: PositiveInt | None = Field(
         None, description="Evaluations without a better validation ELBO before training stops, keeping the best "
                           "parameters (null: off).")
@@ -353,7 +380,14 @@ class EvaluateConfig(Section):
                           "(null = all).")
     memory_budget_mb: PositiveFloat = Field(
         16.0, description="Working memory of one (examples x samples) chunk; 16 MB keeps a chunk in a CPU's caches "
-                          "(on a GPU, 1024 or more runs faster).")
+                          "(on a GPU, 1024 or more runs faster). Operational: DVC does not track it. It changes L_k "
+                          "and the ELBO by float rounding only: 1, 16, 256 and 1024 MB gave per-image values within "
+                          "5e-5 nats and means within 2e-7 (L_1000 of 784-500-20 and 784-200-2 models on 1000 and 300 "
+                          "MNIST test images, CPU); AIS, BDMC and App. D the same to the bit.",
+        json_schema_extra=_operational(
+            "it sets how the (examples x samples) and (examples x chains) grids are cut into chunks; every example "
+            "draws its noise from its own stream, so the estimates differ by float rounding only (L_k: within 5e-5 "
+            "nats per image, 2e-7 in the mean, at 1 to 1024 MB)"))
     seed: Int = Field(0, ge=0, description="Seeds the importance samples.")
     device: Device = Field("auto", description="auto = CUDA when available, else CPU.")
     active_unit_threshold: PositiveFloat = Field(
@@ -417,8 +451,7 @@ SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
 SWEEP_WITHOUT_AIS = {"ais_test_examples": 0, "ais_train_examples": 0, "bdmc_examples": 0}
 DEFAULT_SWEEP_SETTINGS = {
     dataset: {"data": data, "model": {"hidden_dim": 200},
-              "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "checkpoint_interval": 0,
-                        "device": "cpu"},
+              "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "device": "cpu"},
               "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
                            "device": "cpu"}}
     for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
@@ -427,6 +460,8 @@ DEFAULT_SWEEP_SETTINGS = {
 DEFAULT_SWEEP_LATENT_DIMS = {name: [] for name in datasets.NAMES} | {"mnist": [3, 20], "frey": [2, 10]}
 DEFAULT_SWEEP_SETTINGS |= {name: {"data": {"binarization": datasets.get(name).binarizations[0]}}
                            for name in datasets.NAMES if name not in DEFAULT_SWEEP_SETTINGS}
+# Every member's operational knobs: a checkpoint after every pass (a quick member trains for seconds).
+DEFAULT_SWEEP_OPERATIONAL = {"train": {"checkpoint_interval": 0}}
 
 
 class SweepConfig(Section):
@@ -435,16 +470,22 @@ class SweepConfig(Section):
     ``algorithms`` x ``seeds`` is one member (:class:`Member`), trained and evaluated on its own.
 
     A member's parameters (:func:`member_params`) are the defaults of this module (not the main
-    run's sections) with ``settings[dataset]`` (sections data, model, train, evaluate) on top, and
-    the member's dataset, latent size, algorithm and seed. Validation derives every member's
-    parameters, so a setting that fails one member is reported here.
+    run's sections) with ``settings[dataset]`` (sections data, model, train, evaluate) and
+    ``operational`` on top, and the member's dataset, latent size, algorithm and seed. Validation
+    derives every member's parameters, so a setting that fails one member is reported here.
+
+    ``dvc.yaml`` tracks ``settings.<dataset>`` whole (one stage per member reads it), so
+    ``settings`` holds only knobs that change results; the operational ones
+    (:data:`OPERATIONAL`, e.g. ``train.checkpoint_interval``) go in ``operational``, which applies
+    to every member and which DVC does not track.
     """
 
     section: ClassVar[str] = "sweep"
 
     size: SweepSize = Field(
         "quick", description="A label: quick (few members, short training: CPU minutes) or full "
-                             "(`vae profile aevb-figure2`).")
+                             "(`vae profile aevb-figure2`). Only the report shows it (the members' runs carry it "
+                             "in MLflow), so changing it re-runs the report alone.")
     algorithms: Annotated[list[Algorithm], AfterValidator(_distinct)] = Field(
         ["aevb", "wake-sleep"], min_length=1, json_schema_extra=UNIQUE, description="The algorithms compared.")
     seeds: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], AfterValidator(_distinct)] = Field(
@@ -461,7 +502,14 @@ class SweepConfig(Section):
     settings: dict[str, dict] = Field(
         DEFAULT_SWEEP_SETTINGS,
         description="Per dataset: the sections data, model, train, evaluate that each member sets on top of the "
-                    "defaults of vae/config.py (not the sections above).")
+                    "defaults of vae/config.py (not the sections above). Knobs that change results only: DVC "
+                    "tracks each dataset's settings whole, so an operational knob goes in sweep.operational.")
+    operational: dict[str, dict] = Field(
+        DEFAULT_SWEEP_OPERATIONAL,
+        description="The operational knobs of every member, by section (e.g. train: {checkpoint_interval: 300}, "
+                    "evaluate: {memory_budget_mb: 1024} on a GPU), on top of the defaults and settings; they change "
+                    "no result, so DVC does not track them.",
+        json_schema_extra=_operational("it holds only operational knobs (each validated as one), for the members"))
 
     @model_validator(mode="after")
     def _members_valid(self, info: ValidationInfo) -> SweepConfig:
@@ -480,15 +528,46 @@ class SweepConfig(Section):
                                  as_text=f"{{{dataset}: {sizes!r}}}")
             if not any(self.latent_dims.values()):
                 problems.add("latent_dims", "the sweep has no member; give at least one dataset a latent size")
+        operational = self._operational_problems() if problems.valid("operational") else None  # not a mapping
+        problems.lines.extend(operational or [])
         if problems.valid("settings"):
             for dataset in names:
-                problems.lines.extend(self._settings_problems(dataset, run_members=problems.valid("algorithms")))
+                problems.lines.extend(self._settings_problems(dataset, run_members=problems.valid("algorithms")
+                                                              and operational == []))
         return problems.done()
+
+    def _operational_problems(self) -> list[str]:
+        """``operational``'s problems: each section one of a member's, each key an operational knob
+        of it, each value valid for that knob."""
+        problems = []
+        for section, values in self.operational.items():
+            knobs = operational_knobs(_SECTIONS[section]) if section in SWEEP_SECTIONS else {}
+            if not knobs:
+                allowed = [name for name in SWEEP_SECTIONS if operational_knobs(_SECTIONS[name])]
+                problems.append(f"operational.{key_text(section)} = {shown(values)}: expected a section with "
+                                f"operational knobs ({', '.join(allowed)})")
+            elif not isinstance(values, dict):
+                problems.append(f"operational.{section} = {shown(values)}: expected a mapping of keys to values")
+            else:
+                problems.extend(f"operational.{section}.{line}" for line in section_problems(
+                    _SECTIONS[section], {key: value for key, value in values.items() if key in knobs})[1])
+                for key in values:
+                    if key in knobs:
+                        continue
+                    if key in _SECTIONS[section].model_fields:
+                        problems.append(f"operational.{section}.{key_text(key)} = {shown(values[key])}: changes "
+                                        f"results, so DVC must track it; set it in sweep.settings.<dataset>.{section}")
+                    else:
+                        problems.append(f"operational.{section}.{unknown(key, list(knobs))}")
+        return problems
 
     def _settings_problems(self, dataset: str, run_members: bool) -> list[str]:
         settings = self.settings[dataset]
         where = f"settings.{dataset}"
         problems = []
+        if "data" not in settings:  # dvc.yaml's sweep-data and sweep-report stages track settings.<dataset>.data
+            problems.append(f"{where} = {shown(settings)}: expected a data section, which DVC tracks (e.g. data: "
+                            f"{{binarization: {datasets.get(dataset).binarizations[0]}}})")
         for section, values in settings.items():
             if section not in SWEEP_SECTIONS:
                 problems.append(f"{where}.{key_text(section)} = {shown(values)}: unknown section; expected "
@@ -499,13 +578,16 @@ class SweepConfig(Section):
                 problems.extend(f"{where}.{section}.{key} = {shown(values[key])}: set by the sweep (its matrix and "
                                 f"{'data.dataset' if key == 'dataset' else 'the member'}); remove it here"
                                 for key in SWEEP_FIXED.get(section, ()) if key in values)
+                problems.extend(f"{where}.{section}.{key} = {shown(values[key])}: operational (changes no result), "
+                                f"so DVC does not track it; set it in sweep.operational.{section}, for every member"
+                                for key in operational_knobs(_SECTIONS[section]) if key in values)
         if problems or not run_members:
             return problems
         # A valid latent size stands in for the matrix's (a bad one is reported as latent_dims').
         latent_dim = next((size for size in self.latent_dims.get(dataset, []) if size > 0), 1)
         failing: dict[str, list[str]] = {}  # problem -> the algorithms it occurs with
         for algorithm in self.algorithms:
-            overrides = _member_overrides(settings, Member(dataset, latent_dim, algorithm, 0))
+            overrides = _member_overrides(settings, self.operational, Member(dataset, latent_dim, algorithm, 0))
             raw = {section: {**_SECTIONS[section]().to_dict(), **overrides[section]} for section in SWEEP_SECTIONS}
             for line in _sections(raw, {}, SWEEP_SECTIONS)[1]:
                 failing.setdefault(line, []).append(algorithm)
@@ -516,10 +598,13 @@ class SweepConfig(Section):
 
 class Params(_Model):
     """All sections of ``params.yaml``, and ``profile``: the name of the named configuration
-    (``vae profile``) the file was written from, recorded with every result."""
+    (``vae profile``) the file was written from, a label that the report shows and MLflow's
+    training runs carry (no stage output records it, so that it re-runs no training)."""
 
     profile: Str = Field("quick", pattern=f"^{PROFILE_PATTERN.pattern}$",
-                         description="The named configuration (vae/profiles/NAME.yaml) this file was written from.")
+                         description="The named configuration (vae/profiles/NAME.yaml) this file was written from. "
+                                     "A label: the report shows it and MLflow tags the training run with it; no "
+                                     "other output records it, so changing it re-runs the report alone.")
     paths: PathsConfig = Field(default_factory=PathsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -538,9 +623,18 @@ class Params(_Model):
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
                   "$comment": "Generated from vae/config.py (`vae params --schema`); the rules that involve "
                               "several knobs are checked by `vae params`.", **schema}
-        sections = {name: {"$ref": f"#/$defs/{_SECTIONS[name].__name__}"} for name in SWEEP_SECTIONS}
-        schema["$defs"]["SweepConfig"]["properties"]["settings"]["additionalProperties"] = {
+        # A member's section in settings: the section's knobs but its operational ones (sweep.operational's).
+        sections = {name: {"$ref": f"#/$defs/{_SECTIONS[name].__name__}"}
+                    | ({"propertyNames": {"not": {"enum": list(knobs)}}} if knobs else {})
+                    for name in SWEEP_SECTIONS for knobs in [operational_knobs(_SECTIONS[name])]}
+        sweep = schema["$defs"]["SweepConfig"]["properties"]
+        sweep["settings"]["additionalProperties"] = {
             "type": "object", "properties": sections, "additionalProperties": False}
+        operational = {name: {"type": "object", "additionalProperties": False, "properties": {
+            key: schema["$defs"][_SECTIONS[name].__name__]["properties"][key]
+            for key in operational_knobs(_SECTIONS[name])}}
+            for name in SWEEP_SECTIONS if operational_knobs(_SECTIONS[name])}
+        sweep["operational"] |= {"properties": operational, "additionalProperties": False}
         return schema
 
     @classmethod
@@ -556,10 +650,21 @@ class Params(_Model):
         return {f"{section}.{key}": value for section, values in self.to_dict().items()
                 if isinstance(values, dict) for key, value in values.items()}
 
+    def result_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the operational knobs (:data:`OPERATIONAL`): the values that can
+        change a result, as the report shows them."""
+        return {section: {key: value for key, value in values.items() if f"{section}.{key}" not in OPERATIONAL}
+                if isinstance(values, dict) else values for section, values in self.to_dict().items()}
+
 
 _SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()
                                        if name != "profile"}
 SECTIONS: tuple[str, ...] = tuple(_SECTIONS)  # the sections of params.yaml, in its order
+
+# Every operational knob of params.yaml (``section.key``) and why it changes no output of any stage:
+# dvc.yaml lists none of them under a stage's `params:` (tests/test_params_tracking.py).
+OPERATIONAL: dict[str, str] = {f"{name}.{key}": reason for name, cls in _SECTIONS.items()
+                               for key, reason in operational_knobs(cls).items()}
 
 
 def _sections(raw: Mapping[str, Any], base: Mapping[str, Section],
@@ -688,14 +793,17 @@ def sweep_paths(paths: PathsConfig, member: Member | None = None) -> PathsConfig
                        models=f"{paths.models}/sweep/{name}", reports=f"{paths.reports}/sweep/members/{name}")
 
 
-def _member_overrides(settings: Mapping[str, Any], member: Member | None, dataset: str = "") -> dict[str, dict]:
+def _member_overrides(settings: Mapping[str, Any], operational: Mapping[str, Any], member: Member | None,
+                      dataset: str = "") -> dict[str, dict]:
     """The sections data, model, train, evaluate a member (or, without one, the sweep's data stage
-    for ``dataset``) sets: ``settings`` with the member's dataset, latent size, algorithm and seed."""
+    for ``dataset``) sets: ``settings`` and ``operational`` (disjoint keys) with the member's
+    dataset, latent size, algorithm and seed."""
     fixed = ({"data": {"dataset": member.dataset}, "model": {"latent_dim": member.latent_dim},
               "train": {"algorithm": member.algorithm, "seed": member.seed}} if member else
              {"data": {"dataset": dataset}})
     base = {"evaluate": SWEEP_WITHOUT_AIS}
-    return {section: {**base.get(section, {}), **settings.get(section, {}), **fixed.get(section, {})}
+    return {section: {**base.get(section, {}), **settings.get(section, {}), **operational.get(section, {}),
+                      **fixed.get(section, {})}
             for section in SWEEP_SECTIONS}
 
 
@@ -706,25 +814,28 @@ def _sweep_params(sweep: SweepConfig, dataset: str, overrides: dict, paths: Path
 
 def member_params(sweep: SweepConfig, member: Member, paths: PathsConfig | None = None) -> Params:
     """The member's full parameters: this module's defaults with AIS and BDMC off
-    (:data:`SWEEP_WITHOUT_AIS`), ``sweep.settings[dataset]`` on top, then the member's dataset,
-    latent size, algorithm and seed; paths from :func:`sweep_paths`.
+    (:data:`SWEEP_WITHOUT_AIS`), ``sweep.settings[dataset]`` and ``sweep.operational`` on top, then
+    the member's dataset, latent size, algorithm and seed; paths from :func:`sweep_paths`.
 
     Raises:
         ConfigError: the settings give an invalid member (names the key and value).
     """
-    return _sweep_params(sweep, member.dataset, _member_overrides(sweep.settings[member.dataset], member),
+    return _sweep_params(sweep, member.dataset,
+                         _member_overrides(sweep.settings[member.dataset], sweep.operational, member),
                          sweep_paths(paths or PathsConfig(), member))
 
 
 def data_params(sweep: SweepConfig, dataset: str, paths: PathsConfig | None = None) -> Params:
     """Parameters of the ``sweep-data@<dataset>`` stage (only ``data`` and ``paths`` matter)."""
-    return _sweep_params(sweep, dataset, _member_overrides(sweep.settings[dataset], None, dataset),
+    return _sweep_params(sweep, dataset, _member_overrides(sweep.settings[dataset], sweep.operational, None, dataset),
                          sweep_paths(paths or PathsConfig()))
 
 
 def sweep_id(sweep: SweepConfig) -> str:
-    """A 12-hex-digit digest of the ``sweep`` section: the MLflow sweep run's identity."""
-    text = json.dumps(sweep.to_dict(), sort_keys=True)
+    """A 12-hex-digit digest of the ``sweep`` section without its operational knobs (which change no
+    member's result, so no stage re-runs for them): the MLflow sweep run's identity."""
+    text = json.dumps({key: value for key, value in sweep.to_dict().items() if f"sweep.{key}" not in OPERATIONAL},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -17,8 +17,13 @@ Writes (paths under ``paths.reports``):
   images simulated from the model, the BDMC lower and upper bounds (Grosse et al. 2015). Their
   means, standard errors and the gaps (AIS - L_k, upper - lower) go into ``metrics.json``.
 
-All values in nats per example. Then logs them to the pipeline's MLflow run and registers the
-model as a new version of ``vae-<dataset>``.
+All values in nats per example, and nothing that differs between two executions of the same
+evaluation (no wall time, no run id), so that their bytes, and their hashes in ``dvc.lock``, are
+equal. Then logs them, with the wall times (``evaluate_seconds``, ``ais_seconds``), to the
+pipeline's MLflow run (the run tagged with the checkpoint's hash,
+:func:`vae.tracking.training_run`), tags that run with the hash of ``metrics.json``
+(:data:`vae.tracking.METRICS_TAG`, by which the visualize and report stages find it) and
+registers the model as a new version of ``vae-<dataset>``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from vae import mcmc, objectives, registry, tracking
 from vae.config import EvaluateConfig, Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
-from vae.io import read_json, write_csv, write_json
+from vae.io import file_sha256, read_json, write_csv, write_json
 from vae.model import VAE, load_model
 
 
@@ -91,8 +96,9 @@ def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor
         (metrics, per-example frame): ``{split}_ais_log_likelihood`` (and ``_stderr``),
         ``{split}_ais_bound`` (L_k on the same images), ``{split}_ais_elbo``, ``{split}_ais_gap``
         (AIS - L_k, paired, and ``_stderr``), ``{split}_appendix_d_log_likelihood`` when it
-        applies, ``bdmc_lower``, ``bdmc_upper``, ``bdmc_gap`` (and ``_stderr``), the settings and
-        the seconds; all nats per example. Empty when every count is 0.
+        applies, ``bdmc_lower``, ``bdmc_upper``, ``bdmc_gap`` (and ``_stderr``) and the settings;
+        all nats per example. Empty when every count is 0. (Its wall time is the caller's to
+        measure: :func:`run` logs it to MLflow as ``ais_seconds``.)
     """
     counts = {"test": config.ais_test_examples, "train": config.ais_train_examples}
     counts = {split: len(images[split]) if count is None else min(count, len(images[split]))
@@ -100,7 +106,6 @@ def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor
     if not any(counts.values()) and not config.bdmc_examples:
         return {}, pd.DataFrame(columns=["split", "index", "ais_log_likelihood", "log_likelihood", "elbo"])
     settings = _ais_settings(config, model)
-    started = time.perf_counter()
     metrics: dict = {"ais_temperatures": config.ais_temperatures, "ais_chains": config.ais_chains,
                      "ais_leapfrog_steps": config.ais_leapfrog_steps, "ais_initial": config.ais_initial,
                      "ais_schedule": config.ais_schedule}
@@ -145,7 +150,6 @@ def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor
             frames.append(pd.DataFrame({"split": "simulated", "index": range(config.bdmc_examples),
                                         "bdmc_lower": bounds.lower.cpu().numpy(),
                                         "bdmc_upper": bounds.upper.cpu().numpy()}))
-    metrics["ais_seconds"] = round(time.perf_counter() - started, 2)
     return metrics, pd.concat(frames, ignore_index=True)
 
 
@@ -176,7 +180,9 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                                        "train", progress)}
     seconds = time.perf_counter() - started
     active, variances = objectives.active_units(_encode_means(model, test_x), config.active_unit_threshold)
+    started_ais = time.perf_counter()
     tight, tight_frame = tightness(model, config, {"test": test_x, "train": train_x}, results, progress)
+    ais_seconds = time.perf_counter() - started_ais
 
     test_ll, test_se = SplitEvaluation.mean_and_stderr(results["test"].log_likelihood)
     train_ll, train_se = SplitEvaluation.mean_and_stderr(results["train"].log_likelihood)
@@ -189,7 +195,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         rows.append(row)
     curve_frame = pd.DataFrame(rows)
     metrics = {
-        **{key: summary.get(key) for key in ("profile", "dataset", "binarization", "likelihood", "input_dim", "latent_dim",
+        **{key: summary.get(key) for key in ("dataset", "binarization", "likelihood", "input_dim", "latent_dim",
                                              "hidden_dim", "hidden_layers", "algorithm", "objective", "samples",
                                              "optimizer", "learning_rate", "batch_size", "epochs",
                                              "examples_seen")},
@@ -203,15 +209,15 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         "active_units": active,
         "bound_curve": {str(r["k"]): round(r["test_log_likelihood"], 4) for r in rows},
         **tight,
-        "train_seconds": summary["train_seconds"], "evaluate_seconds": round(seconds, 2),
     }
+    # Wall times and the MLflow run are this execution's, not the evaluation's: logged to the run (metrics
+    # evaluate_seconds, ais_seconds; the run is found by the hash of metrics.json), never written to it.
     per_example = pd.concat([
         pd.DataFrame({"split": split, "index": range(len(result.log_likelihood)),
                       "log_likelihood": result.log_likelihood.numpy(), "elbo": result.elbo.numpy()})
         for split, result in results.items()])
     settings = {f"evaluate.{key}": value for key, value in vars(config).items()}
-    with tracking.resume_run(summary.get("mlflow_run_id"), "evaluate", settings) as tracker:
-        metrics["mlflow_run_id"] = tracker.run_id
+    with tracking.training_run(paths.checkpoint, "evaluate", settings) as tracker:
         write_json(paths.metrics, metrics)
         write_csv(paths.bound_curve, curve_frame)
         write_csv(paths.per_example, per_example)
@@ -235,8 +241,11 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         numbers = {key: value for key, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)
                    and (key.startswith(("test_", "train_log", "train_test", "train_ais", "train_appendix", "bdmc_"))
-                        or key in ("active_units", "evaluate_seconds", "ais_seconds"))}
-        tracker.log_metrics(numbers)
+                        or key == "active_units")}
+        tracker.log_metrics({**numbers, "evaluate_seconds": round(seconds, 2),
+                             **({"ais_seconds": round(ais_seconds, 2)} if tight else {})})
+        if tracker.active:  # how visualize and report find the run this evaluation logged to
+            tracker.set_tags({tracking.METRICS_TAG: file_sha256(paths.metrics)})
         tracker.log_history({f"{split}_log_likelihood_curve": [(int(r["k"]), r[f"{split}_log_likelihood"]) for r in rows]
                              for split in results})
         for path in (paths.metrics, paths.bound_curve, paths.per_example, paths.ais_per_example):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -99,6 +100,19 @@ def write_csv(path: str | os.PathLike[str], frame: Any) -> None:
     """Write a pandas DataFrame as CSV (no index, 6 significant digits) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of the file's bytes, 64 hex digits (read in 1 MiB blocks).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

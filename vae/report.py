@@ -31,13 +31,12 @@ from vae.errors import VaeError
 from vae.io import read_json, write_text
 
 # The figures of the visualize stage in the order of a results section (titles and captions:
-# sentences.j2). A figure whose file is missing (e.g. the manifold when latent_dim != 2) is left out.
-FIGURES = ("lower_bound_runs", "elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold",
-           "prior_samples_by_latent_dim", "samples", "reconstructions", "latent_space")
-# The figures whose runs figure_runs.json lists (Figures 2 and 5), as the provenance table orders them.
-RUN_FIGURES = ("lower_bound_runs", "prior_samples_by_latent_dim")
-# samples.png shows the same draws as this run's panel of Figure 5: shown only without Figure 5.
-SHOWN_ONLY_WITHOUT = {"samples": "prior_samples_by_latent_dim"}
+# sentences.j2). A figure whose file is missing (e.g. the manifold when latent_dim != 2, Figure 5
+# when the sweep has no member on the dataset) is left out. AEVB Figure 2 is the sweep section's.
+FIGURES = ("elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold", "samples",
+           "prior_samples_by_latent_dim", "reconstructions", "latent_space")
+# The figure whose sweep members figure_members.json (vae.visualize.FIGURE_MEMBERS) lists: AEVB Figure 5.
+MEMBER_FIGURE = "prior_samples_by_latent_dim"
 
 
 # Figures show at 1.5 CSS inches per printed inch: a 6.5-inch figure fills most of the 980-px
@@ -136,23 +135,37 @@ def _training(summary: dict, params: Params) -> tuple[str, str, str]:
     return str(say.objective(data)), str(say.optimizer(data)), str(say.length(data))
 
 
-def _figure_runs(figures_dir: Path) -> dict[str, list[dict]]:
-    """``figure_runs.json`` of the visualize stage: the runs behind Figures 2 and 5 (empty if absent).
+# What the report shows of a member behind Figure 5 (vae.visualize.prior_sample_members).
+MEMBER_KEYS = ("member", "stage", "dataset", "binarization", "latent_dim", "algorithm", "seed", "examples_seen",
+               "train_examples")
+
+
+def _figure_members(figures_dir: Path) -> dict | None:
+    """The latent-size sweep's members behind AEVB Figure 5, from the visualize stage's
+    ``figure_members.json`` (:func:`vae.visualize.prior_sample_members`): ``{"dataset",
+    "algorithm", "declared": n, "not_run": [stage, ...], "shown": [member, ...]}``, each member
+    with the keys :data:`MEMBER_KEYS` (None where the file has none); None when the file is absent.
 
     Raises:
         VaeError: the file is not the JSON object the visualize stage writes (names the file).
     """
-    path = figures_dir / "figure_runs.json"
+    path = figures_dir / "figure_members.json"
     if not path.is_file():
-        return {}
+        return None
+    redo = "re-run `vae visualize`"
     try:
-        runs = json.loads(path.read_text(encoding="utf-8"))
+        listed = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise VaeError(f"{path}: not valid JSON ({error}); re-run `vae visualize`") from None
-    if not (isinstance(runs, dict) and all(isinstance(v, list) and all(isinstance(r, dict) for r in v)
-                                           for v in runs.values())):
-        raise VaeError(f"{path}: expected {{figure: [run, ...]}} as the visualize stage writes; re-run `vae visualize`")
-    return runs
+        raise VaeError(f"{path}: not valid JSON ({error}); {redo}") from None
+    entry = listed.get(MEMBER_FIGURE) if isinstance(listed, dict) else None
+    lists = ("declared", "not_run", "shown")
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(key), list) for key in lists)
+            and all(isinstance(member, dict) for member in entry["shown"])):
+        raise VaeError(f"{path}: expected {{{MEMBER_FIGURE!r}: {{'declared': [...], 'not_run': [...], "
+                       f"'shown': [member, ...], ...}}}} as the visualize stage writes; {redo}")
+    return {"dataset": entry.get("dataset"), "algorithm": entry.get("algorithm"), "declared": len(entry["declared"]),
+            "not_run": [str(stage) for stage in entry["not_run"]],
+            "shown": [{key: member.get(key) for key in MEMBER_KEYS} for member in entry["shown"]]}
 
 
 def _embedded(path: Path, relative: str, stage: str) -> dict:
@@ -170,31 +183,32 @@ def _embedded(path: Path, relative: str, stage: str) -> dict:
     return {"path": relative, "data": base64.b64encode(data).decode("ascii"), "width": width}
 
 
-RUN_KEYS = ("run_id", "name", "latent_dim", "dataset", "binarization", "profile", "held_out", "current")
-
-
-def _figures(figures_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
+def _figures(figures_dir: Path) -> tuple[list[dict], dict | None]:
     """The figures present in ``figures_dir`` in :data:`FIGURES`' order, each ``{"name", "path",
-    "data", "width", "runs"}`` (``runs``: the runs it shows, for Figures 2 and 5); and the runs of
-    Figures 2 and 5 by figure name, each with the keys :data:`RUN_KEYS` (None where
-    ``figure_runs.json`` has none)."""
-    listed = _figure_runs(figures_dir)
-    runs = {name: [{key: run.get(key) for key in RUN_KEYS} for run in listed.get(name, [])] for name in RUN_FIGURES}
+    "data", "width", "members", "not_run"}`` (for Figure 5: the sweep members it shows, and the
+    stages of those it would show that have not run; else empty); and the members behind Figure 5
+    (:func:`_figure_members`; None without ``figure_members.json``).
+
+    Raises:
+        VaeError: a figure is not a PNG or ``figure_members.json`` is damaged (names the file).
+    """
+    listed = _figure_members(figures_dir)
     figures = []
     for name in FIGURES:
         path = figures_dir / f"{name}.png"
-        if not path.is_file() or (figures_dir / f"{SHOWN_ONLY_WITHOUT.get(name, '-')}.png").is_file():
+        if not path.is_file():
             continue
+        members = listed if listed and name == MEMBER_FIGURE else {"shown": [], "not_run": []}
         figures.append({"name": name, **_embedded(path, f"figures/{name}.png", "vae visualize"),
-                        "runs": runs.get(name, [])})
-    return figures, runs
+                        "members": members["shown"], "not_run": members["not_run"]})
+    return figures, listed
 
 
-# Columns of sweep_results.csv (vae.sweep.RESULT_COLUMNS) the sweep section shows; the others (times, host,
-# MLflow run) are the sweep's provenance, not results.
+# Columns of sweep_results.csv (vae.sweep.RESULT_COLUMNS) the sweep section shows. The members' wall times
+# are not in the file (no DVC output records one): the report reads them from their MLflow runs.
 SWEEP_TEXT_COLUMNS = ("member", "dataset", "algorithm")
 SWEEP_NUMBER_COLUMNS = ("latent_dim", "seed", "examples_seen", "train_elbo", "test_elbo", "importance_samples",
-                        "test_log_likelihood", "test_log_likelihood_stderr", "active_units", "train_seconds")
+                        "test_log_likelihood", "test_log_likelihood_stderr", "active_units")
 
 
 def read_sweep_results(path: Path) -> pd.DataFrame:
@@ -268,7 +282,8 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
     ``examples_seen`` (the distinct values, ascending), ``subsets`` (:func:`_sweep_subsets`, for a
     sweep that is not ``full``) and ``rows``: one dict per member, sorted as
     :func:`read_sweep_results`, with the columns the report shows (missing values None; ELBOs and
-    L_k in nats per example, times in seconds).
+    L_k in nats per example; the members' wall times are not among them: :func:`build_context`
+    adds them from MLflow).
 
     Raises:
         VaeError: the CSV is not as ``vae sweep-report`` writes it (see :func:`read_sweep_results`)
@@ -291,13 +306,14 @@ def sweep_section(params: Params) -> tuple[dict | None, list[str]]:
             "rows": rows}, []
 
 
-def tightness_context(m: dict) -> dict | None:
+def tightness_context(m: dict, seconds: float | None = None) -> dict | None:
     """How tight the run's L_k is, from ``metrics.json`` (:func:`vae.evaluate.tightness`): None
     when the evaluate stage ran no AIS and no BDMC; else ``splits`` (per split with AIS: images,
     ELBO, L_k, AIS and its s.e., AIS - L_k and its s.e., App. D and its s.e. or None, acceptance
     rate), ``bdmc`` (images, lower, upper, gap, its s.e.; or None), the AIS settings, k,
-    ``latent_dim``, ``seconds`` and ``references`` (the registry's estimator references for the
-    dataset). Nats per example."""
+    ``latent_dim``, ``seconds`` (the estimates' wall time, as given: :func:`execution_record`'s
+    ``ais_seconds``; None when not recorded) and ``references`` (the registry's estimator references
+    for the dataset). Nats per example."""
     splits = [{"split": split, "examples": m[f"{split}_ais_examples"], "elbo": m[f"{split}_ais_elbo"],
                "bound": m[f"{split}_ais_bound"], "ais": m[f"{split}_ais_log_likelihood"],
                "ais_stderr": m[f"{split}_ais_log_likelihood_stderr"], "gap": m[f"{split}_ais_gap"],
@@ -311,26 +327,82 @@ def tightness_context(m: dict) -> dict | None:
     if not splits and bdmc is None:
         return None
     return {"splits": splits, "bdmc": bdmc, "importance_samples": m["importance_samples"],
-            "latent_dim": m["latent_dim"], "seconds": m.get("ais_seconds"),
+            "latent_dim": m["latent_dim"], "seconds": seconds,
             **{key: m[f"ais_{key}"] for key in ("temperatures", "chains", "leapfrog_steps", "initial", "schedule")},
             "references": [vars(ref) for ref in datasets.estimator_references(m["dataset"])]}
 
 
-def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path) -> dict:
+# How the execution went, as far as the report knows when nothing is recorded (tracking off, or the runs
+# are not in the store): the templates say "not recorded" (or "-", or leave the sentence out).
+NOT_RECORDED = {"run_id": None, "training_run_id": None, "tracking_uri": None, "train_seconds": None,
+                "evaluate_seconds": None, "ais_seconds": None, "resumed_from_passes": [], "sweep_train_seconds": {}}
+
+
+def _metric(run: Any, key: str) -> float | None:
+    value = run.data.metrics.get(key) if run is not None else None
+    return float(value) if value is not None else None
+
+
+def execution_record(params: Params) -> dict:
+    """How the pipeline execution behind ``<paths.reports>/metrics.json`` went, read from its MLflow
+    runs (no DVC output records it, so that two identical executions write identical files; the
+    report's own files are the one exception): ``run_id`` (the run the evaluate stage logged that
+    ``metrics.json`` to, :func:`vae.tracking.evaluation_run_id`), ``training_run_id`` (the run that
+    trained the model: the same run, or its parent for a re-evaluation), ``tracking_uri``
+    (credentials masked), the wall times in seconds ``train_seconds``, ``evaluate_seconds`` and
+    ``ais_seconds`` (metrics of those runs), ``resumed_from_passes`` (the passes training resumed
+    after, :data:`vae.tracking.RESUMED_TAG`) and ``sweep_train_seconds`` (``{member: seconds}`` of
+    the latent-size sweep's members, :func:`vae.sweep.member_runs`). What is not recorded (tracking
+    off, runs not in the store, no ``metrics.json``) is as in :data:`NOT_RECORDED`.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached.
+    """
+    from vae import sweep as latent_sweep
+
+    metrics_path = Path(params.paths.metrics)
+    if not tracking.enabled() or not metrics_path.is_file():
+        return dict(NOT_RECORDED)
+    evaluated = tracking.read_run(tracking.evaluation_run_id(metrics_path))
+    if evaluated is None:
+        trained = None
+    else:
+        training_run_id = tracking.trained_run_of(evaluated)
+        trained = evaluated if training_run_id == evaluated.info.run_id else tracking.read_run(training_run_id)
+    resumed = (trained.data.tags.get(tracking.RESUMED_TAG) or "") if trained is not None else ""
+    seconds = {}
+    for member, run_id in latent_sweep.member_runs(params).items():
+        seconds[member] = _metric(tracking.read_run(run_id), "train_seconds")
+    return {**NOT_RECORDED,
+            "run_id": evaluated.info.run_id if evaluated is not None else None,
+            "training_run_id": trained.info.run_id if trained is not None else None,
+            "tracking_uri": tracking.tracking_uri() if evaluated is not None else None,
+            "train_seconds": _metric(trained, "train_seconds"),
+            "evaluate_seconds": _metric(evaluated, "evaluate_seconds"),
+            "ais_seconds": _metric(evaluated, "ais_seconds"),
+            "resumed_from_passes": [int(p) for p in resumed.split(",") if p.strip().isdigit()],
+            "sweep_train_seconds": {member: value for member, value in seconds.items() if value is not None}}
+
+
+def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Path,
+                  execution: dict | None = None) -> dict:
     """Everything the templates show, as plain data (numbers, names, flags and lists of them; the
     sentences are the templates'): ``data`` (the dataset as the registry :mod:`vae.datasets`
     describes it, and this run's split sizes), ``model``, ``training`` (:func:`_training_data`),
     ``run``, ``evaluation``, ``results`` (nats per example), ``references`` (the registry's
     published numbers for this dataset and binarization), ``tightness`` (:func:`tightness_context`),
-    ``figures`` and ``figure_runs``
+    ``figures`` and ``figure_members``
     (:func:`_figures`), ``projection``, ``sweep`` and ``sweep_missing`` (:func:`sweep_section`),
-    ``provenance``, ``params_yaml`` and ``generated`` (UTC).
+    ``provenance``, ``params_yaml`` and ``generated`` (UTC). How the execution went (wall times,
+    resumptions, MLflow runs) comes from ``execution`` (:func:`execution_record`; None: not
+    recorded, :data:`NOT_RECORDED`), never from the DVC-tracked inputs.
 
     Raises:
-        VaeError: a figure, ``figure_runs.json`` or ``sweep_results.csv`` is damaged (names the file).
+        VaeError: a figure, ``figure_members.json`` or ``sweep_results.csv`` is damaged (names the file).
         ConfigError: ``metrics.json`` names a dataset the registry does not know.
     """
     m = metrics
+    execution = {**NOT_RECORDED, **(execution or {})}
     entry = datasets.get(m["dataset"])
     variant = entry.variants.get(m["binarization"])
     data = {
@@ -350,28 +422,33 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
                                        "train_log_likelihood_stderr", "train_test_gap", "test_elbo", "train_elbo",
                                        "valid_elbo", "active_units")}
     results["bound_curve"] = [(int(key), value) for key, value in m["bound_curve"].items() if int(key) != k]
-    figures, figure_runs = _figures(figures_dir)
+    figures, figure_members = _figures(figures_dir)
     sweep, sweep_missing = sweep_section(params)
+    if sweep:  # the members' wall times: their MLflow runs' ("-" where not recorded)
+        sweep["rows"] = [{**row, "train_seconds": execution["sweep_train_seconds"].get(row["member"])}
+                         for row in sweep["rows"]]
     commit = provenance.git_commit()
     return {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "data": data, "model": model, "training": _training_data(summary, params),
-        "run": {"profile": summary.get("profile", params.profile), "device": summary.get("device"),
-                "software": summary.get("software"), "train_seconds": m["train_seconds"]},
+        "data": data, "model": model,
+        "training": {**_training_data(summary, params), "resumed_from_passes": execution["resumed_from_passes"]},
+        "run": {"profile": params.profile, "device": summary.get("device"),
+                "software": summary.get("software"), "train_seconds": execution["train_seconds"]},
         "evaluation": {"importance_samples": k, "test_examples": m["test_examples"],
-                       "train_examples": m["train_examples_evaluated"], "seconds": m["evaluate_seconds"]},
+                       "train_examples": m["train_examples_evaluated"], "seconds": execution["evaluate_seconds"]},
         "results": results, "references": datasets.comparable(m["dataset"], m["binarization"]),
-        "tightness": tightness_context(m),
-        "figures": figures, "figure_runs": figure_runs, "projection": params.visualize.projection,
+        "tightness": tightness_context(m, execution["ais_seconds"]),
+        "figures": figures, "figure_members": figure_members, "projection": params.visualize.projection,
         "sweep": sweep, "sweep_missing": sweep_missing,
         "provenance": {
             # `dvc repro` rewrites dvc.lock stage by stage: that change is this run's record, not a change it used.
             "commit": commit, "dirty": provenance.git_dirty(ignore=("dvc.lock",)),
-            "run_id": metrics.get("mlflow_run_id"), "training_run_id": summary.get("mlflow_run_id"),
-            "tracking_uri": tracking.tracking_uri() if metrics.get("mlflow_run_id") else None,
+            "run_id": execution["run_id"], "training_run_id": execution["training_run_id"],
+            "tracking_uri": execution["tracking_uri"],
             "stages": stage_digests(),
         },
-        "params_yaml": yaml.safe_dump(params.to_dict(), sort_keys=False).rstrip(),
+        # The knobs that can change a result; not the operational ones, so that changing those re-runs nothing.
+        "params_yaml": yaml.safe_dump(params.result_dict(), sort_keys=False).rstrip(),
     }
 
 
@@ -386,7 +463,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     paths = params.paths
     metrics = read_json(paths.metrics)
     summary = read_json(paths.train_summary)
-    context = build_context(params, metrics, summary, paths.figures)
+    context = build_context(params, metrics, summary, paths.figures, execution_record(params))
     env = _environment()
     outputs = {"html": Path(paths.reports) / "report.html", "md": Path(paths.reports) / "report.md"}
     write_text(outputs["html"], env.get_template("report.html.j2").render(context))
@@ -395,7 +472,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
         figure = {k: v for k, v in context["sweep"]["figure"].items() if k != "data"}
         md_context["sweep"] = {**context["sweep"], "figure": figure}
     write_text(outputs["md"], env.get_template("report.md.j2").render(md_context))
-    with tracking.resume_run(metrics.get("mlflow_run_id"), "report") as tracker:
+    with tracking.evaluation_run(paths.metrics, "report") as tracker:
         for path in outputs.values():
             tracker.log_artifact(path, "report")
     print(f"report: {outputs['html']}, {outputs['md']}", flush=True)

@@ -9,7 +9,7 @@ parameters (:func:`vae.config.member_params`) and its own folders:
   (stage ``sweep-data@<dataset>``; the main run's data stay the main run's);
 - ``<paths.models>/sweep/<member>/model.pt`` (``train_state.pt`` beside it while training);
 - ``<paths.reports>/sweep/members/<member>/``: ``train_summary.json``, ``elbo_curve.csv``,
-  ``metrics.json``, ... and ``member.json`` (when and where it ran).
+  ``metrics.json``, ... and ``member.json`` (which member, on how many threads).
 
 Stage ``sweep-report`` (:func:`run_report`) reads the members the sweep declares and writes
 ``<paths.reports>/sweep/lower_bound_sweep.png`` (the Figure 2 replica) and
@@ -19,7 +19,10 @@ MLflow: every member's training run is a child (``mlflow.parentRunId``) of one r
 experiment ``vae-sweep`` that stands for the sweep: the run tagged with the sweep's identity
 (:func:`vae.config.sweep_id`, a digest of the ``sweep`` section), which ``sweep-report`` completes with the
 figure, the table and the re-parenting of members trained under an earlier declaration. Members
-register no model version (the registry's champion is the main run's business).
+register no model version (the registry's champion is the main run's business). No DVC output of
+the sweep holds a run id, a time or a host: ``sweep-report`` finds each member's run by the hash of
+its ``metrics.json`` (:func:`member_runs`), and when and where a member ran are tags of its
+training run (:data:`HOST_TAG`, :data:`PID_TAG`, :data:`STARTED_TAG`, :data:`FINISHED_TAG`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from vae.io import read_json, write_csv, write_json
 EXPERIMENT = "vae-sweep"
 SWEEP_TAG = "vae.sweep_id"
 MEMBER_TAG = "vae.sweep_member"
+# When and where a member ran (tags of its training run; UTC times in ISO 8601, to the millisecond).
+HOST_TAG, PID_TAG = "vae.host", "vae.pid"
+STARTED_TAG, FINISHED_TAG = "vae.started", "vae.finished"
 
 
 def sweep_run(params: Params) -> str | None:
@@ -75,7 +81,8 @@ def run_member(params: Params, member: Member, progress: bool = True) -> dict:
 
     torch runs on ``sweep.threads`` CPU threads, so that the member's numbers do not depend on
     how many members run beside it. Writes the member's folders (:func:`sweep_paths`) and
-    ``member.json`` (start and end time, host, process, threads).
+    ``member.json`` (the member and its thread count); when and where it ran (start and end
+    time, host, process) go to its MLflow training run as tags (:data:`STARTED_TAG`, ...).
 
     Returns:
         The member's ``metrics.json``.
@@ -102,8 +109,10 @@ def run_member(params: Params, member: Member, progress: bool = True) -> dict:
     metrics = evaluate.run(chosen, progress=progress, register=False)
     write_json(reports / "member.json", {
         "member": member.name, "stage": member.stage, "dataset": member.dataset, "latent_dim": member.latent_dim,
-        "algorithm": member.algorithm, "seed": member.seed, "host": socket.gethostname(), "pid": os.getpid(),
-        "threads": torch.get_num_threads(), "started": _timestamp(started), "finished": _timestamp(time.time())})
+        "algorithm": member.algorithm, "seed": member.seed, "threads": torch.get_num_threads()})
+    tracking.set_run_tags(tracking.training_run_id(chosen.paths.checkpoint) if tracking.enabled() else None, {
+        HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), STARTED_TAG: _timestamp(started),
+        FINISHED_TAG: _timestamp(time.time())})
     return metrics
 
 
@@ -111,10 +120,10 @@ def _timestamp(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+# What each member computed; how its execution went (times, host, MLflow run) is its MLflow run's.
 RESULT_COLUMNS = ["member", "dataset", "latent_dim", "algorithm", "seed", "examples_seen", "train_elbo",
                   "test_elbo", "importance_samples", "test_log_likelihood", "test_log_likelihood_stderr",
-                  "active_units", "train_seconds", "evaluate_seconds", "started", "finished", "host",
-                  "mlflow_run_id"]
+                  "active_units"]
 
 
 def read_member(params: Params, member: Member) -> tuple[dict, pd.DataFrame]:
@@ -129,15 +138,31 @@ def read_member(params: Params, member: Member) -> tuple[dict, pd.DataFrame]:
         if not (folder / name).is_file():
             raise DataError(f"{folder / name}: missing; run the member first (`uv run dvc repro {member.stage}`)")
     metrics = read_json(folder / "metrics.json")
-    summary = read_json(folder / "train_summary.json")
-    record = read_json(folder / "member.json")
     curve = pd.read_csv(folder / "elbo_curve.csv")
     row = {"member": member.name, "dataset": member.dataset, "latent_dim": member.latent_dim,
            "algorithm": member.algorithm, "seed": member.seed,
-           **{key: metrics.get(key) for key in RESULT_COLUMNS[5:14] if key in metrics},
-           "started": record["started"], "finished": record["finished"], "host": record["host"],
-           "mlflow_run_id": summary.get("mlflow_run_id")}  # the training run (evaluate may log to its child)
+           **{key: metrics.get(key) for key in RESULT_COLUMNS[5:] if key in metrics}}
     return {key: row.get(key) for key in RESULT_COLUMNS}, curve
+
+
+def member_runs(params: Params) -> dict[str, str]:
+    """``{member name: id of its MLflow training run}`` for each declared member whose
+    ``metrics.json`` is there and whose evaluation a run of the store in use is tagged with
+    (:func:`vae.tracking.evaluation_run_id`; the training run behind it,
+    :func:`vae.tracking.trained_run_of`). Empty with tracking off.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached.
+    """
+    if not tracking.enabled():
+        return {}
+    found = {}
+    for member in members(params.sweep):
+        path = Path(sweep_paths(params.paths, member).reports) / "metrics.json"
+        run = tracking.read_run(tracking.evaluation_run_id(path)) if path.is_file() else None
+        if run is not None:
+            found[member.name] = tracking.trained_run_of(run)
+    return found
 
 
 def run_report(params: Params, progress: bool = True) -> dict[str, str]:
@@ -148,8 +173,7 @@ def run_report(params: Params, progress: bool = True) -> dict[str, str]:
         DataError: a declared member has not run.
         TrackingError: the tracking store cannot be reached.
     """
-    from vae.catalogue import RunCurves
-    from vae.visualize import lower_bound_sweep
+    from vae.visualize import SweepCurves, lower_bound_sweep
 
     out = Path(params.paths.reports) / "sweep"
     rows, curves = [], []
@@ -164,15 +188,15 @@ def run_report(params: Params, progress: bool = True) -> dict[str, str]:
         # Seeds share their settings, hence their evaluated passes: the figure shows their mean.
         frames = [curve.set_index("examples_seen")[["train_elbo", "test_elbo"]] for _, _, curve in group]
         mean = pd.concat(frames).groupby(level=0).mean().reset_index()
-        runs.append(RunCurves(run_id=None, name=f"{dataset}-z{latent_dim}-{algorithm}", dataset=dataset,
-                              binarization=binarization[dataset], profile=f"sweep-{params.sweep.size}",
-                              latent_dim=latent_dim, curves=mean, algorithm=algorithm))
+        runs.append(SweepCurves(name=f"{dataset}-z{latent_dim}-{algorithm}", dataset=dataset,
+                                binarization=binarization[dataset], latent_dim=latent_dim, curves=mean,
+                                algorithm=algorithm))
     outputs = {"figure": out / "lower_bound_sweep.png", "table": out / "sweep_results.csv"}
     lower_bound_sweep(runs, outputs["figure"], seeds=len(params.sweep.seeds))
     write_csv(outputs["table"], table)
     parent = sweep_run(params)
     if parent:
-        tracking.complete_parent_run(parent, [row["mlflow_run_id"] for row in rows if row["mlflow_run_id"]],
+        tracking.complete_parent_run(parent, list(member_runs(params).values()),
                                      artifacts=list(outputs.values()), artifact_path="sweep")
     print(f"sweep ({params.sweep.size}, {len(rows)} members): {outputs['figure']}, {outputs['table']}"
           + (f"; MLflow sweep run {parent}" if parent else ""), flush=True)

@@ -1,12 +1,18 @@
 """The MLflow calls of the stages: their runs, what they log, and the client that reaches the store.
 
-Reading the store's catalogue of finished training runs (their curves and models, for the figures
-over runs) is :mod:`vae.catalogue`'s, through :func:`connect` and :func:`call` here; the git
+No stage draws a figure or table from the store's history (DVC does not track it); the git
 commit the runs are tagged with comes from :mod:`vae.provenance`.
 
-One MLflow run per pipeline execution: the ``train`` stage creates it and records its id in its
-summary file; ``evaluate``, ``visualize`` and ``report`` reopen that run and log into it, so a
-run holds the model's parameters, ELBO curves, test log-likelihood, figures and report together.
+One MLflow run per pipeline execution: the ``train`` stage creates it and tags it with the
+SHA-256 of the checkpoint it wrote (:data:`MODEL_TAG`); ``evaluate`` finds it by the hash of its
+``models/model.pt`` dependency (:func:`training_run_id`) and tags the run it logged to with the
+hash of the ``metrics.json`` it wrote (:data:`METRICS_TAG`), by which ``visualize`` and ``report``
+find it (:func:`evaluation_run_id`). So a run holds the model's parameters, ELBO curves, test
+log-likelihood, figures and report together, while no DVC output holds a run id: the outputs of
+two identical executions are identical byte for byte, and their hashes in ``dvc.lock`` say so.
+Timings, hosts and run ids are the run's (metrics and tags), never a DVC output's. An interrupted
+training reopens its run from the id in its resumable state file (``models/train_state.pt``,
+not a DVC output).
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else MLflow's default (SQLite
 ``mlflow.db`` in the working directory, i.e. the repository root under ``dvc repro``).
@@ -30,17 +36,39 @@ from pathlib import Path
 from typing import Any
 
 from vae.errors import TrackingError
+from vae.io import file_sha256
 from vae.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
 TRACKING_ENV = "VAE_TRACKING"
+# Set by the flows (flows/workspace.py) to the DVC experiment a flow run is recorded as; the runs the
+# stages create then carry it as the tag EXPERIMENT_TAG.
+EXPERIMENT_ENV = "VAE_DVC_EXPERIMENT"
+EXPERIMENT_TAG = "dvc.experiment"
+# The tags by which the stages find a pipeline execution's run from the files DVC tracks: the
+# SHA-256 (64 hex digits) of the checkpoint the train stage wrote, and of the metrics.json the
+# evaluate stage wrote (on the run it logged to: the training run, or a re-evaluation's child).
+MODEL_TAG = "vae.model_sha256"
+METRICS_TAG = "vae.metrics_sha256"
+# On a re-evaluation's child run (:func:`resume_run`): the training run it belongs to.
+TRAINED_RUN_TAG = "vae.trained_run_id"
+# On a training run that resumed from checkpoints: the passes it resumed after, comma-separated.
+RESUMED_TAG = "vae.resumed_from_passes"
 METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
 
 def enabled() -> bool:
     """False when ``VAE_TRACKING`` is ``off``, ``0`` or ``false``."""
     return os.environ.get(TRACKING_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags every run the stages create carries from the environment: ``{EXPERIMENT_TAG: name}``
+    when :data:`EXPERIMENT_ENV` (``VAE_DVC_EXPERIMENT``) holds a DVC experiment's name (the flows
+    set it), else empty."""
+    name = os.environ.get(EXPERIMENT_ENV, "").strip()
+    return {EXPERIMENT_TAG: name} if name else {}
 
 
 def store_uri(root: str | Path | None = None) -> str:
@@ -200,7 +228,7 @@ def _open_client(uri: str, **kwargs: Any) -> Any:
 
 def connect() -> tuple[Any, str]:
     """(``MlflowClient``, URI) of the tracking store in use (MLflow's tracking URI: ``MLFLOW_TRACKING_URI``,
-    else its default), for reads outside a run (:mod:`vae.catalogue`); wrap its calls in :func:`call`.
+    else its default), for reads outside a run; wrap its calls in :func:`call`.
 
     Raises:
         TrackingError: mlflow is not installed, or the store cannot be opened (names the URI).
@@ -233,14 +261,32 @@ def call(uri: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         raise TrackingError(masked(f"MLflow tracking at {uri} failed in {function.__name__}: {error}")) from error
 
 
-def download_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
-    """Copy the artifact ``artifact_path`` of run ``run_id`` into the folder ``destination``.
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of the store at ``uri`` keeps its artifacts: for a SQLite store, the
+    folder ``mlruns`` beside the database file (as a ``file://`` URI), whatever the working directory;
+    None (the store's own default) for any other store.
+
+    MLflow's default for a SQLite store is ``./mlruns`` of the process that first creates the
+    experiment. A stage run in a flow's workspace (a temporary git worktree, see ``flows/workspace.py``)
+    would otherwise put the artifacts of a new experiment inside that worktree, which is deleted
+    when the flow ends.
+    """
+    if not uri.startswith("sqlite:"):
+        return None
+    database = Path(uri.split("///", 1)[-1].split("?", 1)[0]).resolve()
+    return (database.parent / "mlruns").as_uri()
+
+
+def create_experiment(client: Any, uri: str, name: str) -> str:
+    """Create the experiment ``name`` in the store at ``uri`` (artifacts at :func:`artifact_location`).
+
+    Returns:
+        Its id.
 
     Raises:
-        TrackingError: the store or the artifact cannot be read (e.g. the artifact is missing).
+        TrackingError: the store refuses (names the URI).
     """
-    client, uri = connect()
-    return Path(call(uri, client.download_artifacts, run_id, artifact_path, str(destination)))
+    return call(uri, client.create_experiment, name, artifact_location=artifact_location(uri))
 
 
 def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
@@ -255,15 +301,112 @@ def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
         return None
     client, uri = connect()
     found = call(uri, client.get_experiment_by_name, experiment)
-    experiment_id = found.experiment_id if found else call(uri, client.create_experiment, experiment)
+    experiment_id = found.experiment_id if found else create_experiment(client, uri, experiment)
     runs = call(uri, client.search_runs, [experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
                  order_by=["attributes.start_time ASC"], max_results=1)
     if runs:
         return runs[0].info.run_id
     run = call(uri, client.create_run, experiment_id, run_name=run_name,
                 tags={"mlflow.runName": run_name, tag: value, "mlflow.source.git.commit": git_commit() or "",
-                      **(tags or {})})
+                      **experiment_tags(), **(tags or {})})
     return run.info.run_id
+
+
+def find_run(tag: str, value: str) -> str | None:
+    """The id of the newest run (by start time), in any active experiment of the store in use
+    (:func:`connect`), tagged ``tag = value``; None when tracking is off or no run is.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    if not enabled():
+        return None
+    client, uri = connect()
+    experiments = [experiment.experiment_id for experiment in call(uri, client.search_experiments)]
+    if not experiments:
+        return None
+    runs = call(uri, client.search_runs, experiments, filter_string=f"tags.`{tag}` = '{value}'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def training_run_id(model_path: str | Path) -> str | None:
+    """The MLflow run that trained the checkpoint at ``model_path`` (e.g. ``models/model.pt``):
+    the newest run tagged :data:`MODEL_TAG` with the SHA-256 of the file's bytes, which the
+    ``train`` stage sets once the checkpoint is written. Two trainings that wrote the same bytes
+    (a reproduction) are told apart by start time only: the newest is returned.
+
+    This is how the stages after ``train`` (and the flows, for the run behind a registered
+    version) find the pipeline execution's run; no DVC output holds its id.
+
+    Returns:
+        The run id; None when tracking is off (:func:`enabled`) or no run in the store carries
+        the tag (trained with tracking off, or into another store).
+
+    Raises:
+        FileNotFoundError: there is no file at ``model_path``.
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    digest = file_sha256(model_path)
+    return find_run(MODEL_TAG, digest)
+
+
+def evaluation_run_id(metrics_path: str | Path) -> str | None:
+    """The MLflow run the ``evaluate`` stage logged the ``metrics.json`` at ``metrics_path`` to:
+    the newest run tagged :data:`METRICS_TAG` with the SHA-256 of the file's bytes. It is the
+    training run, or its child run when only the evaluation settings changed
+    (:func:`resume_run`; :func:`trained_run_of` gives the training run either way).
+
+    Returns:
+        The run id; None when tracking is off or no run in the store carries the tag.
+
+    Raises:
+        FileNotFoundError: there is no file at ``metrics_path``.
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    digest = file_sha256(metrics_path)
+    return find_run(METRICS_TAG, digest)
+
+
+def read_run(run_id: str | None) -> Any | None:
+    """The MLflow ``Run`` ``run_id`` (its ``info``, and ``data.metrics``, ``data.tags``,
+    ``data.params``), or None when ``run_id`` is None, tracking is off or the store does not hold it.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or fails otherwise (names the URI).
+    """
+    if not run_id or not enabled():
+        return None
+    from mlflow.exceptions import MlflowException
+
+    client, uri = connect()
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise TrackingError(masked(f"MLflow tracking at {uri} failed in get_run: {error}")) from error
+    except Exception as error:
+        raise TrackingError(masked(f"MLflow tracking at {uri} failed in get_run: {error}")) from error
+
+
+def trained_run_of(run: Any) -> str:
+    """The training run behind ``run`` (an MLflow ``Run``): its :data:`TRAINED_RUN_TAG` (a
+    re-evaluation's child run), else its own id."""
+    return run.data.tags.get(TRAINED_RUN_TAG) or run.info.run_id
+
+
+def set_run_tags(run_id: str | None, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` (values as strings; None values left out) on run ``run_id``; nothing when
+    ``run_id`` is None or tracking is off.
+
+    Raises:
+        TrackingError: the tracking store cannot be reached or refuses the request (names the URI).
+    """
+    if not run_id or not enabled():
+        return
+    client, uri = connect()
+    Tracker(client, run_id, uri).set_tags(tags)
 
 
 def complete_parent_run(run_id: str, children: Sequence[str], artifacts: Sequence[str | Path],
@@ -316,8 +459,9 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
             yield tracker
         return
     found = tracker._call(client.get_experiment_by_name, experiment)
-    experiment_id = found.experiment_id if found else tracker._call(client.create_experiment, experiment)
-    all_tags = {"mlflow.runName": run_name, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    experiment_id = found.experiment_id if found else create_experiment(client, tracker.uri, experiment)
+    all_tags = {"mlflow.runName": run_name, "mlflow.source.git.commit": git_commit(), **experiment_tags(),
+                **(tags or {})}
     run = tracker._call(client.create_run, experiment_id, run_name=run_name,
                         tags={k: str(v) for k, v in all_tags.items() if v is not None})
     tracker.run_id = run.info.run_id
@@ -326,15 +470,49 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
 
 
 @contextlib.contextmanager
-def resume_run(run_id: str | None, stage: str,
-               params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+def training_run(model_path: str | Path, stage: str,
+                 params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+    """:func:`resume_run` on the run that trained the checkpoint at ``model_path``
+    (:func:`training_run_id`); none found: reported on stderr, nothing logged.
+
+    Raises:
+        FileNotFoundError: there is no file at ``model_path`` (with tracking on).
+        TrackingError: the tracking store cannot be reached or refuses the request.
+    """
+    run_id = training_run_id(model_path) if enabled() else None
+    with resume_run(run_id, stage, params, missing=f"no MLflow run is tagged with the SHA-256 of {model_path} "
+                                                   f"({MODEL_TAG})") as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def evaluation_run(metrics_path: str | Path, stage: str,
+                   params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
+    """:func:`resume_run` on the run the ``evaluate`` stage logged the ``metrics.json`` at
+    ``metrics_path`` to (:func:`evaluation_run_id`: the training run or a re-evaluation's child);
+    none found: reported on stderr, nothing logged.
+
+    Raises:
+        FileNotFoundError: there is no file at ``metrics_path`` (with tracking on).
+        TrackingError: the tracking store cannot be reached or refuses the request.
+    """
+    run_id = evaluation_run_id(metrics_path) if enabled() else None
+    with resume_run(run_id, stage, params, missing=f"no MLflow run is tagged with the SHA-256 of {metrics_path} "
+                                                   f"({METRICS_TAG})") as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None = None, *,
+               missing: str = "training recorded no MLflow run") -> Iterator[Tracker | NullTracker]:
     """Reopen the run the ``train`` stage created and yield a tracker for it, with ``params`` logged.
 
     MLflow params cannot change, so when ``params`` differ from values the run already holds
     (the stage re-ran with new settings on the same trained model), a child run is created
-    under it (``mlflow.parentRunId``, tag ``vae.trained_run_id``) and the stage logs there; the
-    tracker's ``run_id`` says which. A missing ``run_id`` (training ran with tracking off) or a
-    run the store no longer holds is reported on stderr and nothing is logged.
+    under it (``mlflow.parentRunId``, tag :data:`TRAINED_RUN_TAG`) and the stage logs there; the
+    tracker's ``run_id`` says which. A missing ``run_id`` (training ran with tracking off; ``missing``
+    says what was looked for) or a run the store no longer holds is reported on stderr and
+    nothing is logged.
 
     Raises:
         TrackingError: the tracking store cannot be reached or refuses the request.
@@ -344,7 +522,7 @@ def resume_run(run_id: str | None, stage: str,
         yield NullTracker()
         return
     if not run_id:
-        print(f"WARNING: training recorded no MLflow run; the {stage} stage logs nothing "
+        print(f"WARNING: {missing}; the {stage} stage logs nothing "
               "(re-run `vae train` with tracking on)", file=sys.stderr)
         yield NullTracker()
         return
@@ -366,9 +544,10 @@ def resume_run(run_id: str | None, stage: str,
     if any(key in held and held[key] != value for key, value in params.items()):
         name = f"{run.data.tags.get('mlflow.runName', run_id)}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         child = tracker._call(client.create_run, run.info.experiment_id, run_name=name,
-                              tags={"mlflow.parentRunId": run_id, "vae.trained_run_id": run_id,
+                              tags={"mlflow.parentRunId": run_id, TRAINED_RUN_TAG: run_id,
                                     "mlflow.runName": name, **{k: v for k, v in run.data.tags.items()
-                                                               if k in ("dataset", "binarization", "device")}})
+                                                               if k in ("dataset", "binarization", "device")},
+                                    **experiment_tags()})
         tracker.run_id = child.info.run_id
         print(f"MLflow: {stage} settings differ from those of run {run_id}; logging to its child run "
               f"{tracker.run_id}", flush=True)

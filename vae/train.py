@@ -45,7 +45,7 @@ from vae.config import Params, TrainConfig
 from vae.data.splits import Split, load_splits
 from vae.devices import describe, resolve_device, software
 from vae.errors import TrainingError
-from vae.io import write_csv, write_json
+from vae.io import file_sha256, write_csv, write_json
 from vae.loop import (
     WAKE_SLEEP_STEP_COLUMNS,
     Checkpointing,
@@ -65,6 +65,10 @@ from vae.loop import (
     training_length,
 )
 from vae.model import VAE, save_checkpoint
+
+# Columns of the per-pass rows (vae.loop.Evaluation) that describe the execution, not the result: logged
+# to MLflow (elapsed_seconds), left out of elbo_curve.csv.
+EXECUTION_COLUMNS = ("seconds",)
 
 
 def make_optimizer(config: TrainConfig, parameters, learning_rate: float,
@@ -325,7 +329,8 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
         record, last = result.progress, result.epochs.iloc[-1]
         if config.early_stopping_patience is not None:  # the model holds the best validated pass
             last = result.epochs[result.epochs["epoch"] == record.best_pass].iloc[-1]
-        summary = {"profile": params.profile, "dataset": data.dataset, "binarization": data.binarization,
+        # Not the profile: a label (the MLflow tag above; the report shows it), so that changing it re-runs no training.
+        summary = {"dataset": data.dataset, "binarization": data.binarization,
                    "input_dim": splits["train"].images.shape[1],
                    "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
                    "hidden_dim": params.model.hidden_dim, "hidden_layers": params.model.hidden_layers,
@@ -337,15 +342,18 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
                    "examples_seen": record.examples_seen,
                    "train_elbo": float(last["train_elbo"]), "valid_elbo": float(last["valid_elbo"]),
                    "best_valid_elbo": record.best_valid_elbo, "best_pass": record.best_pass,
-                   "stopped_early": record.stopped_early, "resumed_from_passes": record.resumed_from,
-                   "train_seconds": round(record.seconds, 2), "device": result.device, "software": software(),
-                   "mlflow_run_id": tracker.run_id}
-        save_checkpoint(result.model, paths.checkpoint,
-                        metadata={k: v for k, v in summary.items() if k != "mlflow_run_id"})
-        write_csv(paths.elbo_curve, result.epochs)
+                   "stopped_early": record.stopped_early, "device": result.device, "software": software()}
+        # The outputs hold what the training computed, nothing of how this execution went: its wall time,
+        # resumptions and MLflow run go to the run (metric train_seconds, tags), so that two trainings with
+        # the same result write the same bytes (and the same hashes in dvc.lock).
+        save_checkpoint(result.model, paths.checkpoint, metadata=summary)
+        write_csv(paths.elbo_curve, result.epochs.drop(columns=list(EXECUTION_COLUMNS), errors="ignore"))
         write_csv(paths.train_steps, result.steps)
         write_json(paths.train_summary, summary)
         tracker.log_metrics({"train_seconds": record.seconds})
+        if tracker.active:  # how the later stages (and the flows) find this run: by the checkpoint's hash
+            tracker.set_tags({tracking.MODEL_TAG: file_sha256(paths.checkpoint),
+                              tracking.RESUMED_TAG: ",".join(map(str, record.resumed_from)) or None})
         if record.step_size_trials:
             tracker.log_params({f"train.step_size_trial.{k}": round(v, 4) for k, v in record.step_size_trials.items()}
                                | {"train.chosen_learning_rate": record.learning_rate})

@@ -1,14 +1,19 @@
 """The ``visualize`` stage: the figures of the report, as PNG files in ``reports/figures``.
 
-Figures of this run and of the other runs in the MLflow tracking store:
+Every figure is drawn from DVC-tracked files (the stage's ``deps:`` in ``dvc.yaml``), none from
+the MLflow tracking store: the stage only logs the figures to this execution's run there.
 
-- ``lower_bound_runs.png`` (AEVB Fig. 2): train and test ELBO against training examples
-  evaluated (log axis), one panel per dataset and binarization, one line per run: the latest run
-  whose training finished for each (dataset, binarization, latent_dim), this run among them.
+From the latent-size sweep's members (:mod:`vae.sweep`; DVC outputs of the ``sweep-<dataset>@...``
+stages), for this run's dataset:
+
 - ``prior_samples_by_latent_dim.png`` (AEVB Fig. 5): decoder means of z ~ p(z), one grid per
-  latent_dim, side by side, for this run's dataset and binarization (models loaded from the
-  runs' ``checkpoint`` artifacts; this run's from ``models/model.pt``).
-- ``figure_runs.json``: which runs those two figures show (run id, name, latent_dim, ...).
+  latent size, side by side, each from an AEVB member's ``<paths.models>/sweep/<member>/model.pt``
+  (the lowest seed of each latent size); left out when the sweep has no such member.
+- ``figure_members.json``: which members that figure shows (:func:`prior_sample_members`).
+
+AEVB Fig. 2 (the lower bound against training examples evaluated, per latent size) is the
+``sweep-report`` stage's ``lower_bound_sweep.png`` (:func:`lower_bound_sweep`), which the report
+shows; this stage does not draw it again.
 
 Figures of this run alone:
 
@@ -26,8 +31,9 @@ Figures of this run alone:
 
 from __future__ import annotations
 
+import json
 import math
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -40,9 +46,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from vae import datasets, tracking  # noqa: E402
-from vae.catalogue import RunCurves, current_run, prior_models, run_order, tracked_runs  # noqa: E402
-from vae.config import Params, VisualizeConfig  # noqa: E402
+from vae.config import Params, VisualizeConfig, members, sweep_paths  # noqa: E402
 from vae.data.splits import load_split  # noqa: E402
+from vae.errors import DataError  # noqa: E402
 from vae.io import atomic_path, read_json, write_json  # noqa: E402
 from vae.model import VAE, load_model  # noqa: E402
 
@@ -174,10 +180,9 @@ def elbo_curves(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path, log_inter
 
 
 # ------------------------------------------------------------------------------------------
-# Figures over runs: AEVB Fig. 2 (one line per run) and Fig. 5 (one grid per latent_dim)
+# Figures over latent sizes, from the latent-size sweep's members: AEVB Fig. 2 (the sweep-report
+# stage's) and Fig. 5 (this stage's)
 # ------------------------------------------------------------------------------------------
-
-FIGURE2_FROM = 1e5  # AEVB Fig. 2's x-axis starts at 10^5 training examples
 
 
 def _text(value: object) -> str:
@@ -185,12 +190,29 @@ def _text(value: object) -> str:
     return str(value).replace("$", r"\$")
 
 
-def _check_runs(runs: list[RunCurves], figure: str) -> None:
+@dataclass
+class SweepCurves:
+    """One line pair of :func:`lower_bound_sweep`: the ELBO per evaluated pass (nats per example)
+    of one (dataset, latent size, algorithm) of the sweep, averaged over its seeds.
+
+    ``curves`` has columns examples_seen (int, training examples evaluated), train_elbo and
+    test_elbo (float).
+    """
+
+    name: str  # e.g. mnist-z3-aevb
+    dataset: str
+    binarization: str
+    latent_dim: int
+    curves: pd.DataFrame
+    algorithm: str = "aevb"  # train.algorithm: aevb | wake-sleep
+
+
+def _check_runs(runs: list[SweepCurves], figure: str) -> None:
     if not runs:
         raise ValueError(f"{figure}: no runs to draw")
     for run in runs:
         if run.curves.empty:
-            raise ValueError(f"{figure}: run {run.name} ({run.run_id or 'not tracked'}) has no evaluated pass")
+            raise ValueError(f"{figure}: {run.name} has no evaluated pass")
 
 
 def _bound_axes(axes: plt.Axes, values: list[pd.Series], margin: float, ylabel: str, dataset: str,
@@ -207,63 +229,10 @@ def _bound_axes(axes: plt.Axes, values: list[pd.Series], margin: float, ylabel: 
     axes.set_title(_text(datasets.panel_title(dataset, binarization)), fontsize=10)
 
 
-def lower_bound_runs(runs: list[RunCurves], path: Path) -> None:
-    """AEVB Fig. 2: train (solid) and test (dashed) ELBO against training examples evaluated, log
-    x-axis from 10^5 (earlier when a run's first evaluated pass comes before), one panel per
-    (dataset, binarization), one colour per run with its latent_dim N_z in the legend.
-
-    Runs whose held-out curve is the validation ELBO (trained before the test ELBO was recorded
-    per pass) are drawn dotted and labelled "validation", never "test".
-
-    Raises:
-        ValueError: ``runs`` is empty or a run has no evaluated pass.
-    """
-    _check_runs(runs, "lower_bound_runs")
-    panels: dict[tuple[str, str], list[RunCurves]] = {}
-    for run in sorted(runs, key=lambda r: (not r.current, r.dataset, r.binarization)):
-        panels.setdefault((run.dataset, run.binarization), []).append(run)
-    columns = min(len(panels), 3)
-    rows = -(-len(panels) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(5.6 * columns, 4.4 * rows), squeeze=False,
-                                layout="constrained")
-    styles = {"test_elbo": ("--", "test"), "valid_elbo": (":", "validation")}
-    for axes, ((dataset, binarization), members) in zip(grid.flat, panels.items()):
-        members = sorted(members, key=lambda r: (r.latent_dim, r.algorithm))
-        profiles = {r.profile for r in members}
-        first = min(float(r.curves["examples_seen"].min()) for r in members)
-        last = max(float(r.curves["examples_seen"].max()) for r in members)
-        values = []
-        for index, run in enumerate(members):
-            colour = plt.get_cmap("tab10")(index % 10)
-            frame = run.curves.sort_values("examples_seen")
-            label = f"N_z = {run.latent_dim}" + (f", {run.algorithm}" if run.algorithm != "aevb" else "") \
-                + (f" ({_text(run.profile)})" if len(profiles) > 1 else "") \
-                + (" (this run)" if run.current and len(members) > 1 else "")
-            axes.plot(frame["examples_seen"], frame["train_elbo"], "-", color=colour, lw=1.4, label=label)
-            values.append(frame["train_elbo"])
-            if run.held_out in styles:
-                axes.plot(frame["examples_seen"], frame[run.held_out], styles[run.held_out][0], color=colour, lw=1.4)
-                values.append(frame[run.held_out])
-        axes.set_xscale("log")
-        left = min(FIGURE2_FROM, first / 1.5)
-        axes.set_xlim(left, max(last * 1.5, 10 * left))  # at least one decade
-        _bound_axes(axes, values, 0.08, "ELBO (nats per example)", dataset, binarization)
-        handles, labels = axes.get_legend_handles_labels()
-        kinds = [("-", "train")] + [styles[k] for k in styles if any(r.held_out == k for r in members)]
-        for style, kind in kinds:
-            handles.append(Line2D([], [], color="0.2", ls=style, lw=1.4))
-            labels.append(kind)
-        axes.legend(handles, labels, loc="lower right", fontsize=8, ncol=2 if len(labels) > 6 else 1)
-    for axes in list(grid.flat)[len(panels):]:
-        axes.set_visible(False)
-    figure.suptitle("Lower bound against training examples evaluated (cf. AEVB Figure 2)", fontsize=11)
-    _save_figure(figure, path)
-
-
 ALGORITHM_STYLES = {"aevb": ("-", "AEVB"), "wake-sleep": ("--", "wake-sleep")}
 
 
-def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None:
+def lower_bound_sweep(runs: list[SweepCurves], path: Path, seeds: int = 1) -> None:
     """The Figure 2 replica of the latent-size sweep (:mod:`vae.sweep`): the lower bound (ELBO, nats
     per example) against training examples evaluated, log x-axis, one panel per dataset; one colour
     per latent size N_z, AEVB solid and wake-sleep dashed, the train bound drawn bold and the test
@@ -277,7 +246,7 @@ def lower_bound_sweep(runs: list[RunCurves], path: Path, seeds: int = 1) -> None
         ValueError: ``runs`` is empty or a run has no evaluated pass.
     """
     _check_runs(runs, "lower_bound_sweep")
-    panels: dict[str, list[RunCurves]] = {}
+    panels: dict[str, list[SweepCurves]] = {}
     for run in sorted(runs, key=lambda r: (datasets.NAMES.index(r.dataset) if r.dataset in datasets.NAMES
                                            else len(datasets.NAMES), r.dataset)):
         panels.setdefault(run.dataset, []).append(run)
@@ -351,6 +320,92 @@ def prior_samples_by_latent_dim(models: list[tuple[int, VAE]], config: Visualize
     _save_figure(figure, path)
 
 
+FIGURE5_ALGORITHM = "aevb"  # AEVB Fig. 5 shows AEVB's models
+FIGURE_MEMBERS = "figure_members.json"  # in the figures folder: the members Figure 5 shows
+
+
+def _member_file(path: Path, keys: tuple[str, ...], stage: str) -> dict:
+    """A member's JSON file (``member.json`` or ``train_summary.json``) with at least ``keys``.
+
+    Raises:
+        DataError: the file is not JSON or lacks a key (names the file and the stage that writes it).
+    """
+    redo = f"re-run `uv run dvc repro -f {stage}`"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error}); {redo}") from None
+    missing = [key for key in keys if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}; {redo}")
+    return record
+
+
+def prior_sample_members(params: Params) -> dict:
+    """Which members of the latent-size sweep AEVB Figure 5 shows, read from their DVC outputs: of
+    the members ``params.sweep`` declares on this run's dataset (``params.data.dataset``) with the
+    algorithm aevb, the one with the lowest seed of each latent size. A member has run when its
+    ``member.json`` and ``train_summary.json`` (in ``<paths.reports>/sweep/members/<member>/``) and
+    its ``model.pt`` (in ``<paths.models>/sweep/<member>/``) exist; ``dvc repro`` runs the members
+    before this stage (they are its dependencies), so a member that has not run is one whose stage
+    is not in ``dvc.yaml`` (or a ``vae visualize`` run outside ``dvc repro``).
+
+    Returns:
+        ``{"dataset", "algorithm", "declared": [stage, ...] (the members chosen, by latent size),
+        "not_run": [stage, ...], "shown": [member, ...]}``, each shown member ``{"member", "stage",
+        "dataset", "binarization", "latent_dim", "algorithm", "seed", "examples_seen" (training
+        examples evaluated), "train_examples" (training set size), "checkpoint" (path)}``.
+
+    Raises:
+        DataError: a member's file is damaged, or its ``member.json`` names another member (names
+            the file and the stage to re-run).
+    """
+    dataset = params.data.dataset
+    chosen = {}
+    for member in sorted(members(params.sweep), key=lambda m: (m.latent_dim, m.seed)):
+        if member.dataset == dataset and member.algorithm == FIGURE5_ALGORITHM:
+            chosen.setdefault(member.latent_dim, member)
+    selection: dict = {"dataset": dataset, "algorithm": FIGURE5_ALGORITHM,
+                       "declared": [m.stage for m in chosen.values()], "not_run": [], "shown": []}
+    for member in chosen.values():
+        where = sweep_paths(params.paths, member)
+        folder, checkpoint = Path(where.reports), where.checkpoint
+        files = (folder / "member.json", folder / "train_summary.json", checkpoint)
+        if not all(path.is_file() for path in files):
+            selection["not_run"].append(member.stage)
+            continue
+        record = _member_file(files[0], ("member", "latent_dim", "algorithm", "seed"), member.stage)
+        if (record["member"], record["latent_dim"], record["algorithm"], record["seed"]) != (
+                member.name, member.latent_dim, member.algorithm, member.seed):
+            raise DataError(f"{files[0]}: member {record['member']!r} (N_z {record['latent_dim']}, "
+                            f"{record['algorithm']}, seed {record['seed']}), expected {member.name!r}; "
+                            f"re-run `uv run dvc repro -f {member.stage}`")
+        summary = _member_file(files[1], ("binarization", "examples_seen", "train_examples"), member.stage)
+        selection["shown"].append({
+            "member": member.name, "stage": member.stage, "dataset": member.dataset,
+            "binarization": summary["binarization"], "latent_dim": member.latent_dim,
+            "algorithm": member.algorithm, "seed": member.seed, "examples_seen": int(summary["examples_seen"]),
+            "train_examples": int(summary["train_examples"]), "checkpoint": str(checkpoint)})
+    return selection
+
+
+def _member_models(shown: list[dict]) -> list[tuple[int, VAE]]:
+    """(latent_dim, model) of each member :func:`prior_sample_members` shows, loaded from its checkpoint.
+
+    Raises:
+        CheckpointError: a checkpoint is damaged. DataError: its latent size is not the member's.
+    """
+    models = []
+    for member in shown:
+        model = load_model(member["checkpoint"])
+        if model.latent_dim != member["latent_dim"]:
+            raise DataError(f"{member['checkpoint']}: a latent_dim {model.latent_dim} model, not "
+                            f"{member['latent_dim']} as member {member['member']}; re-run "
+                            f"`uv run dvc repro -f {member['stage']}`")
+        models.append((member["latent_dim"], model))
+    return models
+
+
 def log_likelihood_histogram(per_example: pd.DataFrame, k: int, path: Path) -> None:
     """Histogram of per-example L_k, test and train, with their means marked. Both splits share the
     bins: 2 sqrt(n) of them for n images (10 to 80), so 200 Frey faces are not spread over 80 bins."""
@@ -388,14 +443,16 @@ def bound_curve(curve: pd.DataFrame, test_elbo: float, path: Path) -> None:
 
 
 def run(params: Params, progress: bool = True) -> dict[str, str]:
-    """Stage entry point: draw every figure that applies to the trained model and, for Figures 2
-    and 5, to the other runs of the MLflow tracking store; log the figures to this run.
+    """Stage entry point: draw every figure that applies to the trained model and, for Figure 5,
+    to the latent-size sweep's members on its dataset (:func:`prior_sample_members`); write
+    ``figure_members.json``; log the figures to this execution's run (no figure reads the MLflow store).
 
     Returns:
         ``{figure name: file path}``.
 
     Raises:
-        TrackingError: the tracking store cannot be read.
+        DataError: a sweep member's file is damaged. CheckpointError: a checkpoint is damaged.
+        TrackingError: the figures cannot be logged.
     """
     paths, config, dataset = params.paths, params.visualize, params.data.dataset
     shape = datasets.get(dataset).image_shape
@@ -404,30 +461,30 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     x = test.values()
     out = paths.figures
     out.mkdir(parents=True, exist_ok=True)
-    summary = read_json(paths.train_summary)
     epochs = pd.read_csv(paths.elbo_curve)
     figures = {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png",
-               "latent_space": out / "latent_space.png", "elbo_curves": out / "elbo_curves.png",
-               "lower_bound_runs": out / "lower_bound_runs.png",
-               "prior_samples_by_latent_dim": out / "prior_samples_by_latent_dim.png"}
+               "latent_space": out / "latent_space.png", "elbo_curves": out / "elbo_curves.png"}
     prior_samples(model, config, shape, figures["samples"])
     reconstructions(model, x, config, shape, figures["reconstructions"])
     latent_space(model, x, test.labels, config, figures["latent_space"])
     elbo_curves(epochs, pd.read_csv(paths.train_steps), figures["elbo_curves"], params.train.log_interval)
 
-    # Figures 2 and 5 read other runs from the MLflow tracking store, which DVC does not track
-    # (see tracked_runs): with tracking off they show this run alone.
-    current = current_run(summary, epochs)
-    runs = tracked_runs(current)
-    lower_bound_runs(runs, figures["lower_bound_runs"])
-    with tempfile.TemporaryDirectory(prefix="vae-checkpoints-") as workdir:
-        with_models = prior_models(runs, model, Path(workdir))
-        prior_samples_by_latent_dim([(run.latent_dim, m) for run, m in with_models], config, shape,
-                                    figures["prior_samples_by_latent_dim"])
-    write_json(out / "figure_runs.json",
-               {"lower_bound_runs": [run.describe() for run in sorted(runs, key=run_order)],
-                "prior_samples_by_latent_dim": [run.describe() for run, _ in sorted(with_models,
-                                                                                    key=lambda p: run_order(p[0]))]})
+    # Figure 5 from the sweep's members (DVC outputs this stage depends on), not from MLflow.
+    selection = prior_sample_members(params)
+    figure5 = out / "prior_samples_by_latent_dim.png"
+    if selection["shown"]:
+        figures["prior_samples_by_latent_dim"] = figure5
+        prior_samples_by_latent_dim(_member_models(selection["shown"]), config, shape, figure5)
+        said = f"Figure 5 shows {', '.join(m['member'] for m in selection['shown'])}"
+        if selection["not_run"]:
+            said += f" (not run: {', '.join(selection['not_run'])})"
+    else:
+        figure5.unlink(missing_ok=True)  # a stale one would show members no longer declared
+        said = "Figure 5 left out: " + (
+            f"the sweep's AEVB members on {dataset} have not run ({', '.join(selection['not_run'])})"
+            if selection["declared"] else
+            f"the sweep declares no AEVB member on {dataset} (sweep.latent_dims.{dataset})")
+    write_json(out / FIGURE_MEMBERS, {"prior_samples_by_latent_dim": selection})
 
     metrics = read_json(paths.metrics)
     figures["bound_curve"] = out / "bound_curve.png"
@@ -441,11 +498,9 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     else:
         (out / "manifold.png").unlink(missing_ok=True)  # a stale one from a 2-D run would mislead
     # The run this execution's evaluation logged to (the training run, or its child).
-    with tracking.resume_run(metrics.get("mlflow_run_id"), "visualize") as tracker:
+    with tracking.evaluation_run(paths.metrics, "visualize") as tracker:
         for path in figures.values():
             tracker.log_artifact(path, "figures")
-        tracker.log_artifact(out / "figure_runs.json", "figures")
-    print(f"figures: {', '.join(str(p) for p in figures.values())}; Figure 2 shows {len(runs)} run(s), "
-          f"Figure 5 {len(with_models)} latent size(s)", flush=True)
+        tracker.log_artifact(out / FIGURE_MEMBERS, "figures")
+    print(f"figures: {', '.join(str(p) for p in figures.values())}; {said}", flush=True)
     return {name: str(path) for name, path in figures.items()}
-
