@@ -132,6 +132,7 @@ def test_deploy_registers_the_deployments_in_the_repository(stack: Stack) -> Non
 
 def test_deployment_run_completes_every_stage(stack: Stack) -> None:
     params_before = (stack.pipe.root / "params.yaml").read_bytes()
+    lock_before = (stack.pipe.root / "dvc.lock").read_bytes()
     started = time.monotonic()
     output = stack.prefect("deployment", "run", "vae-pipeline/manual", "-p", "epochs=1", "--watch",
                            "--watch-timeout", "600", timeout=660)
@@ -150,7 +151,7 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
     # The run wrote nothing in the work tree: it is a DVC experiment, named after the flow run.
     assert (root / "params.yaml").read_bytes() == params_before
     assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
-    assert not (root / "dvc.lock").exists() and not (root / "reports/metrics.json").exists()
+    assert (root / "dvc.lock").read_bytes() == lock_before and not (root / "reports/metrics.json").exists()
     name = runs[0]["name"]
     shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
     experiments = {rev.get("name"): rev for baseline in shown for experiment in baseline.get("experiments") or []
