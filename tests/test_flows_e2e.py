@@ -164,7 +164,7 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
     # `dvc exp apply` brings its outputs into the work tree, where DVC then finds every stage up to date.
     stack.pipe.dvc("exp", "apply", name)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train.epochs"] == 1
     metrics = stack.pipe.json("reports/metrics.json")
     assert metrics["epochs"] == 1 and metrics["test_log_likelihood"] < 0
     assert stack.pipe.status() == {}
