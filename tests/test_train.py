@@ -150,15 +150,27 @@ def start_training(root: Path, params: Path, tracking: bool = False) -> subproce
                             stderr=open(root / "stderr.txt", "w"))
 
 
-def wait_for_checkpoint(process: subprocess.Popen, path: Path, passes: int, timeout: float = 300) -> None:
-    """Block until the resumable checkpoint at ``path`` records at least ``passes`` passes."""
+def signal_after_checkpoint(process: subprocess.Popen, path: Path, passes: int, sig: int,
+                            timeout: float = 300) -> None:
+    """Send ``sig`` once the resumable checkpoint at ``path`` records at least ``passes`` passes.
+
+    The trainer is frozen (SIGSTOP) while the checkpoint is read and the signal sent, and only
+    continued (SIGCONT) after: on a busy machine it cannot finish its remaining passes between the
+    check and the signal, so the signal always lands mid-run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"training ended (status {process.returncode}) before it was stopped"
-        if path.is_file():
-            with contextlib.suppress(Exception):  # replaced while being read: try again
-                if torch.load(path, weights_only=True)["progress"]["passes_done"] >= passes:
-                    return
+        process.send_signal(signal.SIGSTOP)
+        try:
+            done = 0
+            if path.is_file():
+                with contextlib.suppress(Exception):  # a checkpoint being replaced: try again
+                    done = torch.load(path, weights_only=True)["progress"]["passes_done"]
+            if done >= passes:
+                process.send_signal(sig)  # delivered when the process continues
+                return
+        finally:
+            process.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     process.kill()
     pytest.fail(f"no checkpoint with {passes} passes at {path} after {timeout} s")
@@ -168,8 +180,7 @@ def stop_mid_run(root: Path, params: Path, sig: int, tracking: bool = False) -> 
     """Start ``vae train``, send ``sig`` once two passes are checkpointed; (exit status, stderr)."""
     process = start_training(root, params, tracking)
     try:
-        wait_for_checkpoint(process, root / "models" / "train_state.pt", passes=2)
-        process.send_signal(sig)
+        signal_after_checkpoint(process, root / "models" / "train_state.pt", passes=2, sig=sig)
         status = process.wait(timeout=60)
     finally:
         if process.poll() is None:
