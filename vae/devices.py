@@ -43,6 +43,16 @@ def describe(device: torch.device) -> str:
     return f"cpu ({name + ', ' if name else ''}{torch.get_num_threads()} threads)"
 
 
+def computes_on(device: torch.device) -> str:
+    """What of the hardware a result depends on, for the outputs DVC hashes: 'cpu (2 threads)' (the
+    thread count torch computes with changes the order of its sums) or 'cuda'. The processor's or
+    GPU's model name is the host's (:func:`describe`; it goes to MLflow), so that two machines that
+    compute the same weights write the same bytes."""
+    if device.type == "cuda":
+        return "cuda"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def software() -> str:
     """The versions that change numbers: e.g. 'torch 2.13.0, Python 3.12.3'."""
     return f"torch {torch.__version__}, Python {platform.python_version()}"

@@ -21,7 +21,7 @@ All values in nats per example, and nothing that differs between two executions 
 evaluation (no wall time, no run id), so that their bytes, and their hashes in ``dvc.lock``, are
 equal. Then logs them, with the wall times (``evaluate_seconds``, ``ais_seconds``), to the
 pipeline's MLflow run (the run tagged with the checkpoint's hash,
-:func:`vae.tracking.training_run`), tags that run with the hash of ``metrics.json``
+:func:`vae.tracking.run_of_output`), tags that run with the hash of ``metrics.json``
 (:data:`vae.tracking.METRICS_TAG`, by which the visualize and report stages find it) and
 registers the model as a new version of ``vae-<dataset>``.
 """
@@ -217,7 +217,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                       "log_likelihood": result.log_likelihood.numpy(), "elbo": result.elbo.numpy()})
         for split, result in results.items()])
     settings = {f"evaluate.{key}": value for key, value in vars(config).items()}
-    with tracking.training_run(paths.checkpoint, "evaluate", settings) as tracker:
+    with tracking.run_of_output(paths.checkpoint, "evaluate", settings, tag=tracking.MODEL_TAG) as tracker:
         write_json(paths.metrics, metrics)
         write_csv(paths.bound_curve, curve_frame)
         write_csv(paths.per_example, per_example)

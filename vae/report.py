@@ -472,7 +472,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
         figure = {k: v for k, v in context["sweep"]["figure"].items() if k != "data"}
         md_context["sweep"] = {**context["sweep"], "figure": figure}
     write_text(outputs["md"], env.get_template("report.md.j2").render(md_context))
-    with tracking.evaluation_run(paths.metrics, "report") as tracker:
+    with tracking.run_of_output(paths.metrics, "report", tag=tracking.METRICS_TAG) as tracker:
         for path in outputs.values():
             tracker.log_artifact(path, "report")
     print(f"report: {outputs['html']}, {outputs['md']}", flush=True)

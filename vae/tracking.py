@@ -470,35 +470,21 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
 
 
 @contextlib.contextmanager
-def training_run(model_path: str | Path, stage: str,
-                 params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
-    """:func:`resume_run` on the run that trained the checkpoint at ``model_path``
-    (:func:`training_run_id`); none found: reported on stderr, nothing logged.
+def run_of_output(path: str | Path, stage: str, params: Mapping[str, Any] | None = None, *,
+                  tag: str = MODEL_TAG) -> Iterator[Tracker | NullTracker]:
+    """:func:`resume_run` on the run whose ``tag`` is the SHA-256 of the file at ``path``: with
+    ``tag=MODEL_TAG`` (``models/model.pt``) the run that trained the checkpoint
+    (:func:`training_run_id`); with ``tag=METRICS_TAG`` (``reports/metrics.json``) the run the
+    ``evaluate`` stage logged to (:func:`evaluation_run_id`: the training run or a re-evaluation's
+    child). None found: reported on stderr, nothing logged.
 
     Raises:
-        FileNotFoundError: there is no file at ``model_path`` (with tracking on).
+        FileNotFoundError: there is no file at ``path`` (with tracking on).
         TrackingError: the tracking store cannot be reached or refuses the request.
     """
-    run_id = training_run_id(model_path) if enabled() else None
-    with resume_run(run_id, stage, params, missing=f"no MLflow run is tagged with the SHA-256 of {model_path} "
-                                                   f"({MODEL_TAG})") as tracker:
-        yield tracker
-
-
-@contextlib.contextmanager
-def evaluation_run(metrics_path: str | Path, stage: str,
-                   params: Mapping[str, Any] | None = None) -> Iterator[Tracker | NullTracker]:
-    """:func:`resume_run` on the run the ``evaluate`` stage logged the ``metrics.json`` at
-    ``metrics_path`` to (:func:`evaluation_run_id`: the training run or a re-evaluation's child);
-    none found: reported on stderr, nothing logged.
-
-    Raises:
-        FileNotFoundError: there is no file at ``metrics_path`` (with tracking on).
-        TrackingError: the tracking store cannot be reached or refuses the request.
-    """
-    run_id = evaluation_run_id(metrics_path) if enabled() else None
-    with resume_run(run_id, stage, params, missing=f"no MLflow run is tagged with the SHA-256 of {metrics_path} "
-                                                   f"({METRICS_TAG})") as tracker:
+    run_id = find_run(tag, file_sha256(path)) if enabled() else None
+    with resume_run(run_id, stage, params,
+                    missing=f"no MLflow run is tagged with the SHA-256 of {path} ({tag})") as tracker:
         yield tracker
 
 

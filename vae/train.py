@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from vae import tracking
 from vae.config import Params, TrainConfig
 from vae.data.splits import Split, load_splits
-from vae.devices import describe, resolve_device, software
+from vae.devices import computes_on, describe, resolve_device, software
 from vae.errors import TrainingError
 from vae.io import file_sha256, write_csv, write_json
 from vae.loop import (
@@ -342,7 +342,7 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
                    "examples_seen": record.examples_seen,
                    "train_elbo": float(last["train_elbo"]), "valid_elbo": float(last["valid_elbo"]),
                    "best_valid_elbo": record.best_valid_elbo, "best_pass": record.best_pass,
-                   "stopped_early": record.stopped_early, "device": result.device, "software": software()}
+                   "stopped_early": record.stopped_early, "device": computes_on(device), "software": software()}
         # The outputs hold what the training computed, nothing of how this execution went: its wall time,
         # resumptions and MLflow run go to the run (metric train_seconds, tags), so that two trainings with
         # the same result write the same bytes (and the same hashes in dvc.lock).

@@ -498,7 +498,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     else:
         (out / "manifold.png").unlink(missing_ok=True)  # a stale one from a 2-D run would mislead
     # The run this execution's evaluation logged to (the training run, or its child).
-    with tracking.evaluation_run(paths.metrics, "visualize") as tracker:
+    with tracking.run_of_output(paths.metrics, "visualize", tag=tracking.METRICS_TAG) as tracker:
         for path in figures.values():
             tracker.log_artifact(path, "figures")
         tracker.log_artifact(out / FIGURE_MEMBERS, "figures")
