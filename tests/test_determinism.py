@@ -80,7 +80,7 @@ def test_with_tracking_off_no_run_is_looked_for(tmp_path: Path, monkeypatch: pyt
     assert tracking.training_run_id(checkpoint) is None
     assert tracking.evaluation_run_id(checkpoint) is None
     assert tracking.read_run("any") is None
-    with tracking.training_run(checkpoint, "evaluate") as tracker:
+    with tracking.run_of_output(checkpoint, "evaluate", tag=tracking.MODEL_TAG) as tracker:
         assert not tracker.active
 
 
