@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO_ROOT, run_interrupted
+# One torch thread in every process of the suite (pytest's workers, and through the environment the
+# stages, flows and servers they start): the suite runs two workers at once on two cores, and a
+# process computing on two threads beside another busy one spends most of its CPU time in its thread
+# pool's waits. The tiny pipeline's `vae evaluate` took 17 s of CPU time so, 6 s on one thread.
+# Results do not change with it but for float rounding, and every test that compares two
+# executions runs both on one thread. Set before torch is first imported (tests/support.py).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+from support import REPO_ROOT, run_interrupted  # noqa: E402
 
 # The suite's subprocesses (dvc, the stages, the servers, the flows) import torch, mlflow and prefect
 # hundreds of times. Where PYTHONDONTWRITEBYTECODE is set, as on this project's machines, each of

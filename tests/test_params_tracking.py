@@ -237,6 +237,8 @@ MNIST_MEMBERS, FREY_MEMBERS = "sweep-mnist@*", "sweep-frey@*"
     ("visualize.seed", 1, {"visualize", "report"}),
     ("sweep.size", "full", {"report"}),  # a label: only the report shows it
     ("sweep.threads", 2, {MNIST_MEMBERS, FREY_MEMBERS, "report"}),
+    # Which members there are: the figures that show them, never the main run or the other members.
+    ("sweep.latent_dims.mnist", [3], {"visualize", "sweep-report", "report"}),
     ("sweep.settings.frey.train.curve_points", 30, {FREY_MEMBERS, "report"}),
     ("sweep.settings.mnist.data.eval_subset", 500,
      {"sweep-data@mnist", MNIST_MEMBERS, "sweep-report", "report"}),

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 STAGES = ("download", "binarize", "train", "evaluate", "visualize", "sweep-data@mnist", "sweep-data@frey",
           "sweep-frey@2-aevb-0", "sweep-report", "report")
 # The figures the report shows for this latent_dim = 2 MNIST run. support.SMALL's sweep has no MNIST
-# member, so no Figure 5 (test_a_sweep_member_on_the_dataset_joins_figure_5 adds one); Figure 2 is the sweep's.
+# member, so no Figure 5 (the module's last test adds one); Figure 2 is the sweep's.
 FIGURES = ("elbo_curves", "bound_curve", "log_likelihood_histogram", "manifold", "samples", "reconstructions",
            "latent_space")
 
@@ -416,18 +416,31 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
     print(f"report screenshot: {screenshot}")
 
 
-def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipeline) -> None:
-    """Last in the module, since it changes the evaluation the other tests look at.
+def test_an_evaluation_change_logs_to_a_child_run_and_a_new_member_joins_figure_5(pipeline: Pipeline) -> None:
+    """Last in the module, since it changes the evaluation and the sweep the other tests look at.
+    Two changes, one ``dvc repro``:
 
-    MLflow params are final: a re-evaluation with another k must not fail on the training
-    run's params; it logs to a child run, which visualize and report follow."""
+    - only the evaluation settings (k): MLflow params are final, so the re-evaluation must not
+      fail on the training run's params; it logs to a child run, which visualize and report follow;
+    - an AEVB sweep member declared on the main run's dataset: it runs before visualize, whose
+      dependencies its outputs are, and Figure 5 shows it from those files.
+
+    The main run is not retrained, and `dvc status` is clean afterwards. (That adding a member
+    alone re-runs neither train nor evaluate is tests/test_params_tracking.py's knob test.)"""
     before = evaluation_run(pipeline)
     stamps = pipeline.output_stamps()
-    set_params(pipeline.root / "params.yaml", {"evaluate": {"importance_samples": 20}})
+    sweep = yaml.safe_load((pipeline.root / "params.yaml").read_text())["sweep"]
+    small = {**sweep["settings"]["frey"], "data": sweep["settings"]["mnist"]["data"]}  # a tiny MNIST member
+    set_params(pipeline.root / "params.yaml", {
+        "evaluate": {"importance_samples": 20},
+        "sweep": {"latent_dims": {**sweep["latent_dims"], "mnist": [3]}, "settings": {**sweep["settings"], "mnist": small}}})
     pipeline.dvc("repro")
     rerun = pipeline.stages_rerun(stamps)
     assert not rerun & {"download", "binarize", "train"}, rerun
-    assert {"evaluate", "visualize", "report"} <= rerun, rerun
+    assert {"evaluate", "sweep-mnist@3-aevb-0", "visualize", "sweep-report", "report"} <= rerun, rerun
+    assert pipeline.status() == {}
+
+    # The re-evaluation: a child run of the training run, which visualize and the report follow.
     after = pipeline.json("reports/metrics.json")
     trained, evaluated = training_run(pipeline), evaluation_run(pipeline)
     assert after["importance_samples"] == 20 and evaluated not in (None, trained)
@@ -445,22 +458,7 @@ def test_changing_only_evaluation_settings_logs_to_a_child_run(pipeline: Pipelin
     assert {"samples.png", "bound_curve.png"} <= {
         Path(f.path).name for f in client.list_artifacts(child.info.run_id, "figures")}
 
-
-
-def test_a_sweep_member_on_the_dataset_joins_figure_5(pipeline: Pipeline) -> None:
-    """After the module's other tests (it trains a sweep member): an AEVB member declared on the main
-    run's dataset runs before visualize, whose dependencies its outputs are, and Figure 5 shows it
-    from those files; the main run is not retrained, and `dvc status` is clean afterwards."""
-    sweep = yaml.safe_load((pipeline.root / "params.yaml").read_text())["sweep"]
-    small = {**sweep["settings"]["frey"], "data": sweep["settings"]["mnist"]["data"]}  # a tiny MNIST member
-    set_params(pipeline.root / "params.yaml", {"sweep": {"latent_dims": {**sweep["latent_dims"], "mnist": [3]},
-                                                         "settings": {**sweep["settings"], "mnist": small}}})
-    stamps = pipeline.output_stamps()
-    pipeline.dvc("repro")
-    rerun = pipeline.stages_rerun(stamps)
-    assert {"sweep-mnist@3-aevb-0", "visualize", "sweep-report", "report"} <= rerun, rerun
-    assert not rerun & {"train", "evaluate"}, rerun
-    assert pipeline.status() == {}
+    # The new member, in Figure 5, read from its DVC-tracked files.
     lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text())["stages"]
     assert {"reports/sweep/members", "models/sweep"} <= {dep["path"] for dep in lock["visualize"]["deps"]}
     [shown] = pipeline.json("reports/figures/figure_members.json")["prior_samples_by_latent_dim"]["shown"]

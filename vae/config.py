@@ -451,7 +451,7 @@ SWEEP_SECTIONS = ("data", "model", "train", "evaluate")
 SWEEP_WITHOUT_AIS = {"ais_test_examples": 0, "ais_train_examples": 0, "bdmc_examples": 0}
 DEFAULT_SWEEP_SETTINGS = {
     dataset: {"data": data, "model": {"hidden_dim": 200},
-              "train": {"epochs": None, "training_samples": 200000, "curve_points": 40, "device": "cpu"},
+              "train": {"epochs": None, "training_samples": 100000, "curve_points": 40, "device": "cpu"},
               "evaluate": {"importance_samples": 100, "bound_curve": [1, 10, 100], "train_examples": 1000,
                            "device": "cpu"}}
     for dataset, data in (("mnist", {"binarization": "dynamic", "train_subset": 10000, "eval_subset": 1000}),
