@@ -232,7 +232,7 @@ MNIST_MEMBERS, FREY_MEMBERS = "sweep-mnist@*", "sweep-frey@*"
     ("model.hidden_dim", 400, {"train", "report"}),
     ("train.epochs", 31, {"train", "report"}),
     ("train.log_interval", 25, {"train", "visualize", "report"}),
-    ("evaluate.importance_samples", 500, {"evaluate", "report"}),
+    ("evaluate.importance_samples", 200, {"evaluate", "report"}),
     ("evaluate.ais_temperatures", 100, {"evaluate", "report"}),
     ("visualize.seed", 1, {"visualize", "report"}),
     ("sweep.size", "full", {"report"}),  # a label: only the report shows it
