@@ -176,7 +176,7 @@ def write_processed(folder: Path, train_count: int = 1200, dim: int = 784) -> Pa
 # --------------------------------------------------------------------------------------------
 
 # AIS, BDMC and (for latent_dim < 5) App. D at their smallest: each runs, in seconds.
-SMALL_AIS = {"ais_test_examples": 8, "ais_train_examples": 4, "ais_temperatures": 20, "bdmc_examples": 4,
+SMALL_AIS = {"ais_test_examples": 4, "ais_train_examples": 2, "ais_temperatures": 20, "bdmc_examples": 4,
              "appendix_d_samples": 10}
 SMALL = {
     "data": {"train_subset": 2000, "eval_subset": 500},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import Pipeline, git, running_mlflow_server, set_params, shared_pipeline
+from support import SMALL_AIS, Pipeline, git, running_mlflow_server, set_params, shared_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +128,7 @@ def test_metrics_say_how_tight_the_bound_is(pipeline: Pipeline) -> None:
     metrics = pipeline.json("reports/metrics.json")
     frame = pd.read_csv(pipeline.root / "reports/ais_per_example.csv")
     per_example = pd.read_csv(pipeline.root / "reports/log_likelihood_per_example.csv")
-    for split, count in (("test", 8), ("train", 4)):
+    for split, count in (("test", SMALL_AIS["ais_test_examples"]), ("train", SMALL_AIS["ais_train_examples"])):
         rows = frame[frame["split"] == split]
         assert metrics[f"{split}_ais_examples"] == count == len(rows)
         assert metrics[f"{split}_ais_log_likelihood"] == pytest.approx(rows["ais_log_likelihood"].mean(), abs=1e-3)
