@@ -19,14 +19,14 @@ import pytest
 import yaml
 
 from support import SMALL, Pipeline, free_port, wait_healthy
+from vae.config import SWEEP_WITHOUT_AIS
 
 pytestmark = pytest.mark.e2e
 POOL = "vae-process"
 # Smaller still than support.SMALL: the stages' start-up, not the data, is what this test times; no
 # AIS, BDMC or App. D (tests/test_pipeline.py checks them in the pipeline).
 TINY = {**SMALL, "data": {"train_subset": 600, "eval_subset": 200},
-        "evaluate": {**SMALL["evaluate"], "importance_samples": 20, "train_examples": 200, "ais_test_examples": 0,
-                     "ais_train_examples": 0, "bdmc_examples": 0},
+        "evaluate": {**SMALL["evaluate"], "importance_samples": 20, "train_examples": 200, **SWEEP_WITHOUT_AIS},
         "visualize": {**SMALL["visualize"], "latent_points": 200}}
 
 
