@@ -289,12 +289,13 @@ def test_a_failing_stage_fails_the_flow_and_leaves_the_work_tree_as_it_was(harne
     assert _experiments(root) == {}  # a failed run records no experiment
 
 
-def _flow_process(root: Path, markers: Path, tmp_path: Path, *args: str):
-    """``python -m flows pipeline ARGS`` on ``root`` (Prefect's temporary server) in the background,
-    its stage ``write`` waiting for ``markers/go``; returns the process once that stage waits."""
+def _flow_process(root: Path, markers: Path, tmp_path: Path, home: Path, *args: str):
+    """``python -m flows pipeline ARGS`` on ``root`` (Prefect's temporary server, PREFECT_HOME
+    ``home``) in the background, its stage ``write`` waiting for ``markers/go``; returns the
+    process once that stage waits."""
     import os
 
-    env = {**os.environ, "FLOW_TEST_MARKERS": str(markers), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    env = {**os.environ, "FLOW_TEST_MARKERS": str(markers), "PREFECT_HOME": str(home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("PREFECT_API_URL", None)
@@ -347,7 +348,7 @@ def test_an_edit_to_params_made_during_a_flow_run_survives_it(harness, tmp_path,
 
 
 @pytest.mark.e2e
-def test_a_flow_sent_sigterm_mid_stage_stops_within_seconds_and_leaves_the_work_tree(tmp_path) -> None:
+def test_a_flow_sent_sigterm_mid_stage_stops_within_seconds_and_leaves_the_work_tree(tmp_path, prefect_home) -> None:
     import os
     import signal
     import time
@@ -358,7 +359,7 @@ def test_a_flow_sent_sigterm_mid_stage_stops_within_seconds_and_leaves_the_work_
     markers = tmp_path / "markers"
     markers.mkdir()
     before, original = _git_state(root), (root / "params.yaml").read_bytes()
-    process = _flow_process(root, markers, tmp_path, "--latent-dim", "3")
+    process = _flow_process(root, markers, tmp_path, prefect_home(), "--latent-dim", "3")
     stage = psutil.Process(int((markers / "write.pid").read_text()))
     assert stage.is_running()
     sent = time.monotonic()

@@ -84,10 +84,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack(tmp_path_factory: pytest.TempPathFactory, prefect_home):
     pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY, sweep=False)
     root = pipe.root
-    home = tmp_path_factory.mktemp("prefect-home")
+    home = prefect_home()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     pipe.env.update({
@@ -186,25 +186,35 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
 
 
 def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
-    """The schedule is a setting: replaced on the server by the CLI, no code involved."""
+    """The schedule is a setting: replaced on the server by the CLI, no code involved. A 5-second
+    interval, so that the first run is due at once; as soon as the worker has taken it the schedule
+    is deleted (`prefect deployment schedule delete`), which also deletes the runs it had
+    scheduled, so that no second retraining starts behind the first."""
     seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
-    stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "20",
+    stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "5",
                   "--replace", "--accept-yes")
     started = time.monotonic()
-    completed: list[dict] = []
-    while not completed:
+    taken: list[dict] = []
+    while not taken:  # the scheduler's loop is 5 s here and the worker asks every 2 s
         runs = stack.flow_runs("scheduled-retraining", "weekly")
-        failed = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
-        assert not failed, stack.log("worker")
-        completed = [run for run in runs if run["state_type"] == "COMPLETED"]
-        assert time.monotonic() - started < 480, f"no scheduled run completed:\n{stack.log('worker')}"
-        time.sleep(3)
+        taken = [run for run in runs if run["state_type"] != "SCHEDULED"]
+        assert time.monotonic() - started < 120, f"no scheduled run started:\n{stack.log('worker')}"
+        time.sleep(0.5)
+    assert len(taken) == 1, taken  # the worker runs one flow at a time (--limit 1)
+    schedule = stack.request("/deployments/name/scheduled-retraining/weekly")["schedules"][0]
+    assert schedule["schedule"]["interval"] == 5
+    stack.prefect("deployment", "schedule", "delete", "scheduled-retraining/weekly", schedule["id"], "--accept-yes")
+    run = taken[0]
+    while run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        assert time.monotonic() - started < 480, f"the scheduled run did not finish:\n{stack.log('worker')}"
+        time.sleep(2)
+        run = stack.request(f"/flow_runs/{run['id']}")
+    assert run["state_type"] == "COMPLETED", stack.log("worker")
     print(f"first scheduled retraining completed {time.monotonic() - started:.1f} s after the schedule was set",
           file=sys.stderr)
-    run = completed[0]
     assert run["auto_scheduled"] is True  # created by the scheduler, not by anyone calling it
-    schedule = stack.request("/deployments/name/scheduled-retraining/weekly")["schedules"][0]
-    stack.prefect("deployment", "schedule", "pause", "scheduled-retraining/weekly", schedule["id"])
+    # Deleting the schedule deleted the runs it had scheduled: this one was the only retraining.
+    assert [other["id"] for other in stack.flow_runs("scheduled-retraining", "weekly")] == [run["id"]]
 
     import mlflow
 

@@ -54,11 +54,11 @@ def _member_runs(pipe: Pipeline) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+def flow_run(tmp_path_factory: pytest.TempPathFactory, prefect_home) -> Pipeline:
     if not dataset_mirror():
         pytest.skip("no dataset mirror (set VAE_DATA_MIRROR or place ../shared/datasets beside the repo)")
     pipe = Pipeline.copy_of_repository(tmp_path_factory, TINY_SWEEP)
-    pipe.env.update({"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+    pipe.env.update({"PREFECT_HOME": str(prefect_home()),
                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"})
     for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH"):
         pipe.env.pop(name, None)
