@@ -103,7 +103,7 @@ def champion_reevaluation(root: Path, workspace: Path, metrics: dict[str, Any],
         import tempfile
 
         import mlflow.artifacts
-        import mlflow.pytorch
+        import mlflow.pyfunc
 
         from vae import tracking
         from vae.config import load_params
@@ -120,8 +120,8 @@ def champion_reevaluation(root: Path, workspace: Path, metrics: dict[str, Any],
         with tempfile.TemporaryDirectory(prefix="vae-champion-") as scratch:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch,
                                                         tracking_uri=client.tracking_uri)
-            model = mlflow.pytorch.load_model(local, map_location="cpu")
-        model.eval()
+            # The version's pyfunc (vae.serving) holds the checkpoint, read by vae.load_model (weights only).
+            model = mlflow.pyfunc.load_model(local).unwrap_python_model().model
         test = load_split(workspace / params.paths.processed / metrics["dataset"] / "test.pt")
         logger.info("re-evaluating champion version %s on this run's %d test images with k = %d",
                     champion.version, len(test), metrics["importance_samples"])
@@ -138,8 +138,14 @@ def promote(root: str, workspace: str, name: str, version: str, metrics: dict[st
     from vae import registry, tracking
 
     logger = get_run_logger()
-    decision = registry.promote_if_better(tracking.client_for(root), name, version,
-                                          reevaluate=champion_reevaluation(Path(root), Path(workspace), metrics, logger))
+    client = tracking.client_for(root)
+    champion = registry.current_champion(client, name)
+    if champion is not None and str(champion.version) == str(version):
+        # The evaluate stage made it champion when it registered it: the first version under this name.
+        decision = registry.Decision(name, str(version), True, str(version), champion.tags.get("champion_reason", ""))
+    else:
+        decision = registry.promote_if_better(client, name, version,
+                                              reevaluate=champion_reevaluation(Path(root), Path(workspace), metrics, logger))
     logger.info("%s version %s: %s (%s); champion is version %s", name, version,
                 "promoted to champion" if decision.promoted else "not promoted", decision.reason,
                 decision.champion_version)

@@ -343,14 +343,15 @@ def wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float =
 
 
 @contextlib.contextmanager
-def running_mlflow_server(store: Path, cwd: Path, env: dict, *options: str) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 over the SQLite ``store`` (its log beside it); yields
-    its base URL once it answers /health, and stops it afterwards."""
+def running_mlflow_server(store: Path, cwd: Path, env: dict, *options: str, command: str = "server") -> Iterator[str]:
+    """A real ``mlflow server`` (or ``mlflow ui``, its alias the README uses: ``command="ui"``) on
+    127.0.0.1 over the SQLite ``store`` (its log beside it); yields its base URL once it answers
+    /health, and stops it afterwards."""
     port = free_port()
     log_path = store.parent / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+            [sys.executable, "-m", "mlflow", command, "--backend-store-uri", f"sqlite:///{store}",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
             cwd=cwd, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)

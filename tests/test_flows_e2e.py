@@ -220,15 +220,17 @@ def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
 
     store = f"sqlite:///{stack.pipe.store}"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    # The manual run registered seed `seed`; the first retraining took the next one and, the
-    # registry having no champion yet, became champion.
-    retrained = [v for v in client.search_model_versions("name='vae-mnist'") if v.tags.get("train_seed") == str(seed + 1)]
-    assert len(retrained) == 1, (seed, [v.tags for v in client.search_model_versions("name='vae-mnist'")])
-    assert retrained[0].tags["champion_decision"] == "promoted"
-    # Promoted without a comparison (the registry had no champion): compared with itself, no paired numbers.
-    assert retrained[0].tags["compared_with_version"] == str(retrained[0].version)
-    assert "paired_difference" not in retrained[0].tags
-    assert client.get_model_version_by_alias("vae-mnist", "champion") is not None
+    # The manual run registered seed `seed`, the first version, champion from its registration; the
+    # retraining took the next seed and was compared with it on the same test images.
+    versions = client.search_model_versions("name='vae-mnist'")
+    [first] = [v for v in versions if v.tags.get("train_seed") == str(seed)]
+    assert str(first.version) == "1" and first.tags["champion_decision"] == "promoted", first.tags
+    retrained = [v for v in versions if v.tags.get("train_seed") == str(seed + 1)]
+    assert len(retrained) == 1, (seed, [v.tags for v in versions])
+    assert retrained[0].tags["compared_with_version"] in ("1", str(retrained[0].version))  # kept, or promoted
+    assert int(retrained[0].tags["paired_examples"]) == TINY["data"]["eval_subset"]
+    champion = str(client.get_model_version_by_alias("vae-mnist", "champion").version)
+    assert champion == ("1" if retrained[0].tags["champion_decision"] == "kept" else str(retrained[0].version))
     # Recorded as a DVC experiment of its own; the work tree (the manual run's, applied) untouched.
     shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
     names = {rev.get("name") for baseline in shown for experiment in baseline.get("experiments") or []

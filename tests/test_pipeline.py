@@ -1,6 +1,7 @@
 """The whole DVC pipeline end to end, for real, on a small subset of MNIST, in a temporary git
-copy of the repository; then the MLflow server started on 127.0.0.1 against the store the
-pipeline wrote, queried through the REST API the UI uses."""
+copy of the repository; then, on 127.0.0.1 against the store the pipeline wrote, the README's
+``mlflow ui`` (queried through the REST API the UI uses, and looked at in headless Chromium) and
+``mlflow models serve`` of the registered champion (asked for every output over HTTP)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from html import unescape
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import SMALL_AIS, Pipeline, git, running_mlflow_server, set_params, shared_pipeline
+from support import (SMALL_AIS, Pipeline, free_port, git, running_mlflow_server, set_params, shared_pipeline,
+                     wait_healthy)
 
 pytestmark = pytest.mark.e2e
 
@@ -294,8 +298,8 @@ def _post(base: str, endpoint: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def mlflow_server(pipeline: Pipeline):
-    """The real MLflow server on 127.0.0.1 over the store the pipeline wrote."""
-    with running_mlflow_server(pipeline.store, pipeline.root, pipeline.env) as base:
+    """The README's ``mlflow ui`` (MLflow's server: UI and REST API) on 127.0.0.1 over the store the pipeline wrote."""
+    with running_mlflow_server(pipeline.store, pipeline.root, pipeline.env, command="ui") as base:
         yield base
 
 
@@ -365,9 +369,7 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
     """Headless Chromium opens report.html as a reader would: every image decodes (naturalWidth > 0),
     every number the tables show from metrics.json is there as the report formats it, and a
     full-page screenshot is saved under this test's tmp dir (its path is printed)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does when it can)")
+    browser = _browser()
     report = pipeline.root / "reports/report.html"
     probe = tmp_path / "probe.html"
     probe.write_text(report.read_text() + PROBE)
@@ -414,6 +416,130 @@ def test_report_renders_in_a_browser(pipeline: Pipeline, tmp_path: Path) -> None
     with Image.open(screenshot) as shot:
         assert shot.width == WIDTH and shot.height == min(height, 16000)
     print(f"report screenshot: {screenshot}")
+
+
+def _browser() -> str:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does when it can)")
+    return browser
+
+
+def test_the_experiment_opens_on_its_training_runs_and_the_run_page_shows_the_elbo_curves(
+        pipeline: Pipeline, mlflow_server: str, tmp_path: Path) -> None:
+    """The experiment carries MLflow's kind tag for model training. Headless Chromium (driven by
+    Playwright, which waits for what the page draws) on the README's ``mlflow ui`` finds the run in
+    the experiment's run list and, on the run's page, the ELBO curves as line charts over training
+    examples (a chart whose legend names the metric: a single value is drawn as a bar without it).
+    A screenshot of the run page is kept (path printed)."""
+    browser = _browser()
+    from playwright.sync_api import sync_playwright
+
+    from vae.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    experiment = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="vae-mnist")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    run_id, experiment_id = training_run(pipeline), experiment["experiment_id"]
+    run_name = _get(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"]["run_name"]
+    view = "workflowType=machine_learning"  # MLflow's "Model training" view (the README says why)
+    screenshot = tmp_path / "mlflow_run_page.png"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}?{view}")
+            link = page.locator(f'a[href="#/experiments/{experiment_id}/runs/{run_id}"]')
+            link.first.wait_for(timeout=60_000)
+            assert link.first.inner_text() == run_name
+            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{view}")
+            page.get_by_placeholder("Search metric charts").fill("elbo")
+            for metric in ("train_elbo", "valid_elbo", "train_elbo_step"):
+                page.locator(f'h4[title="{metric}"]').wait_for(timeout=60_000)  # the chart's heading
+                page.get_by_text(f"{run_name} ({metric})").wait_for(timeout=60_000)  # its legend: a curve
+            page.screenshot(path=str(screenshot))
+        finally:
+            chromium.close()
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"MLflow run page screenshot: {screenshot}")
+
+
+def _invoke(base: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_mlflow_models_serve_answers_as_the_champions_checkpoint(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The first version registered is ``champion`` (no retraining flow has run); ``mlflow models
+    serve`` of ``models:/vae-mnist@champion`` (``--env-manager local``, 127.0.0.1) answers JSON
+    requests for every output as ``vae.load_model`` of that version's checkpoint does on the same
+    images and seed, and refuses bad input with HTTP 400 naming the problem."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    import vae
+    from vae import serving, tracking
+    from vae.data.splits import load_split
+    from vae.io import file_sha256
+
+    store = f"sqlite:///{pipeline.store}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    champion = client.get_model_version_by_alias("vae-mnist", "champion")
+    assert str(champion.version) == "1" and champion.tags["champion_decision"] == "promoted", champion.tags
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("vae-mnist", "1"), dst_path=str(tmp_path),
+        tracking_uri=store))
+    [checkpoint] = local.rglob("model.pt")
+    run = client.get_run(champion.run_id)
+    trained = client.get_run(run.data.tags.get(tracking.TRAINED_RUN_TAG, champion.run_id))
+    assert file_sha256(checkpoint) == trained.data.tags[tracking.MODEL_TAG]  # the model that run trained
+    model = vae.load_model(checkpoint)
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/vae-mnist@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  cwd=pipeline.root, env={**pipeline.env, "MLFLOW_TRACKING_URI": store}, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(server, f"{base}/ping", log_path)
+        print(f"mlflow models serve answered /ping after {time.monotonic() - started:.1f} s")
+        x = load_split(pipeline.root / "data/processed/mnist/test.pt").values()[:20]
+        rows = x.to(torch.int64).tolist()  # JSON integers: the server reads them as float32
+        params = {"importance_samples": 200, "samples": 3, "seed": 5, "count": 4}
+        for output in serving.OUTPUTS:
+            code, answer = _invoke(base, {"inputs": rows, "params": {**params, "output": output}})
+            assert code == 200, (output, answer)
+            expected = serving.predict(model, x.numpy(), {**params, "output": output})
+            # The same computation in another process: equal but for float rounding.
+            np.testing.assert_allclose(np.asarray(answer["predictions"], np.float32), expected, rtol=1e-5,
+                                       atol=1e-5, err_msg=output)
+        code, answer = _invoke(base, {"inputs": rows})  # the defaults: L_1000, seed 0
+        np.testing.assert_allclose(answer["predictions"], model.log_likelihood(x, 1000, seed=0).numpy(), rtol=1e-5)
+        refused = {
+            "wrong width": ({"inputs": [row[:100] for row in rows[:2]]}, "does not match expected shape"),
+            "grey values": ({"inputs": [[0.5] * 784]}, "Bernoulli and takes binary pixels"),
+            "NaN": ({"inputs": [[float("nan")] * 784]}, "NaN or infinite"),
+            "unknown output": ({"inputs": rows[:1], "params": {"output": "logits"}}, "params.output = 'logits'"),
+        }
+        for what, (body, message) in refused.items():
+            code, answer = _invoke(base, body)
+            assert code == 400 and message in answer["message"], (what, code, answer.get("message", "")[-500:])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_an_evaluation_change_logs_to_a_child_run_and_a_new_member_joins_figure_5(pipeline: Pipeline) -> None:

@@ -251,11 +251,15 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         for path in (paths.metrics, paths.bound_curve, paths.per_example, paths.ais_per_example):
             tracker.log_artifact(path, "evaluation")
         version = None if not register else tracker.log_model(
-            model.cpu(), f"vae-{summary['dataset']}",
+            paths.checkpoint, f"vae-{summary['dataset']}",
             {"test_log_likelihood": metrics["test_log_likelihood"],
              "test_log_likelihood_stderr": metrics["test_log_likelihood_stderr"],
              "importance_samples": k, "binarization": summary["binarization"], "latent_dim": summary["latent_dim"],
-             "train_seed": params.train.seed, registry.TEST_SET_TAG: registry.test_set_fingerprint(test_x)})
+             "train_seed": params.train.seed, registry.TEST_SET_TAG: registry.test_set_fingerprint(test_x)},
+            test_x[:2].cpu().float().numpy())
         if version:
-            print(f"MLflow: registered vae-{summary['dataset']} version {version}", flush=True)
+            name = f"vae-{summary['dataset']}"
+            first = tracking.call(tracker.uri, registry.promote_first, tracker.client, name, version)
+            print(f"MLflow: registered {name} version {version}"
+                  + (f"; the first under this name, it is {name}@{registry.CHAMPION}" if first else ""), flush=True)
     return metrics

@@ -4,7 +4,9 @@ Each ``evaluate`` run registers a new version of ``vae-<dataset>`` (:meth:`vae.t
 with its per-example test log-likelihoods as an artifact of its run. :func:`promote_if_better`
 decides whether that version becomes the alias ``champion``:
 
-- the first version ever promoted becomes champion (a registered model without a champion gets one);
+- the first version registered under a name becomes champion (a registered model without a
+  champion gets one): the ``evaluate`` stage calls :func:`promote_first` right after registering,
+  so ``models:/vae-mnist@champion`` resolves after the first ``dvc repro``;
 - otherwise the challenger must beat the champion by more than the **paired standard error** on
   the same test images: with d_i = L_k(x_i; challenger) - L_k(x_i; champion) over the N test
   images, promote iff mean(d) > std(d) / sqrt(N). Pairing removes the between-image variance
@@ -138,6 +140,29 @@ def _record(client: Any, decision: Decision) -> Decision:
     return decision
 
 
+FIRST_REASON = "{name} had no champion: the first model registered becomes champion"
+
+
+def promote_first(client: Any, name: str, version: str) -> Decision | None:
+    """Make ``name`` version ``version`` the ``champion`` when ``name`` has none yet (the first
+    version registered; the rule :func:`promote_if_better` starts from). The ``evaluate`` stage
+    calls it after registering, so that ``models:/<name>@champion`` resolves after the first
+    pipeline run; later versions reach the alias only through a comparison
+    (:func:`promote_if_better`, the retraining flow).
+
+    Returns:
+        The decision (also recorded as tags on the version), or None when ``name`` already has a
+        champion (nothing is changed then).
+
+    Raises:
+        TrackingError: the registry cannot be read.
+    """
+    if current_champion(client, name) is not None:
+        return None
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return _record(client, Decision(name, str(version), True, str(version), FIRST_REASON.format(name=name)))
+
+
 def promote_if_better(client: Any, name: str, version: str,
                       reevaluate: Callable[[Any], np.ndarray] | None = None) -> Decision:
     """Make ``name`` version ``version`` the ``champion`` if it beats the current one (module docstring).
@@ -167,8 +192,7 @@ def promote_if_better(client: Any, name: str, version: str,
     champion = current_champion(client, name)
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version)
-        return _record(client, Decision(name, version, True, version,
-                                        f"{name} had no champion: the first model promoted becomes champion"))
+        return _record(client, Decision(name, version, True, version, FIRST_REASON.format(name=name)))
     if str(champion.version) == version:
         return _record(client, Decision(name, version, False, version, "this version already is the champion"))
     scores = test_log_likelihoods(client, challenger)

@@ -139,9 +139,12 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def log_model(self, model: Any, registered_model_name: str, tags: Mapping[str, Any]) -> str:
-        """Log ``model`` to the run and register it as a new version of ``registered_model_name``
-        carrying ``tags``. Returns the version number.
+    def log_model(self, checkpoint: str | Path, registered_model_name: str, tags: Mapping[str, Any],
+                  input_example: Any) -> str:
+        """Log the checkpoint at ``checkpoint`` as the run's MLflow model (the pyfunc of
+        :mod:`vae.serving`: its signature, ``input_example`` (a few rows of test images, float32
+        numpy (n, D)), this package as code) and register it as a new version of
+        ``registered_model_name`` carrying ``tags``. Returns the version number.
 
         The version is created with its tags in one registry request, so a store that fails or
         refuses part-way leaves either no version of this run or a complete one, never a version
@@ -152,7 +155,6 @@ class Tracker:
             TrackingError: the store cannot be reached or refuses a request (names the URI).
         """
         import mlflow
-        import mlflow.pytorch
 
         existing = self._call(self.client.search_model_versions,
                               f"name='{registered_model_name}' and run_id='{self.run_id}'")
@@ -161,12 +163,15 @@ class Tracker:
         else:
             import torch
 
+            from vae import serving
+
             package_dir = Path(__file__).resolve().parent
             with mlflow.start_run(run_id=self.run_id):
                 info = self._call(
-                    mlflow.pytorch.log_model, model, name="model", serialization_format="pickle",
-                    code_paths=[str(package_dir)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                    mlflow.pyfunc.log_model, name="model", python_model=serving.VAEModel(),
+                    artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)}, code_paths=[str(package_dir)],
+                    signature=serving.signature(int(input_example.shape[1])), input_example=input_example,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
             registered = self._call(mlflow.register_model, info.model_uri, registered_model_name,
                                     tags={key: str(value) for key, value in tags.items()})
             return str(registered.version)
@@ -277,8 +282,15 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "mlruns").as_uri()
 
 
+# MLflow's UI opens an experiment on the view its kind calls for (MLflow 3: traces and sessions for
+# GenAI, the run list and charts for model training); without the tag it guesses, and guessed
+# GenAI for this project's experiments.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def create_experiment(client: Any, uri: str, name: str) -> str:
-    """Create the experiment ``name`` in the store at ``uri`` (artifacts at :func:`artifact_location`).
+    """Create the experiment ``name`` in the store at ``uri`` (artifacts at :func:`artifact_location`,
+    tagged as model training for MLflow's UI: :data:`EXPERIMENT_KIND_TAG`).
 
     Returns:
         Its id.
@@ -286,7 +298,24 @@ def create_experiment(client: Any, uri: str, name: str) -> str:
     Raises:
         TrackingError: the store refuses (names the URI).
     """
-    return call(uri, client.create_experiment, name, artifact_location=artifact_location(uri))
+    return call(uri, client.create_experiment, name, artifact_location=artifact_location(uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of the experiment ``name`` in the store at ``uri``, created when missing
+    (:func:`create_experiment`); an existing one without :data:`EXPERIMENT_KIND_TAG` (made by an
+    older version of this project) gets it.
+
+    Raises:
+        TrackingError: the store cannot be reached or refuses (names the URI).
+    """
+    found = call(uri, client.get_experiment_by_name, name)
+    if found is None:
+        return create_experiment(client, uri, name)
+    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
+        call(uri, client.set_experiment_tag, found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
@@ -300,13 +329,12 @@ def find_or_create_run(experiment: str, tag: str, value: str, run_name: str,
     if not enabled():
         return None
     client, uri = connect()
-    found = call(uri, client.get_experiment_by_name, experiment)
-    experiment_id = found.experiment_id if found else create_experiment(client, uri, experiment)
-    runs = call(uri, client.search_runs, [experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+    experiment_key = experiment_id(client, uri, experiment)
+    runs = call(uri, client.search_runs, [experiment_key], filter_string=f"tags.`{tag}` = '{value}'",
                  order_by=["attributes.start_time ASC"], max_results=1)
     if runs:
         return runs[0].info.run_id
-    run = call(uri, client.create_run, experiment_id, run_name=run_name,
+    run = call(uri, client.create_run, experiment_key, run_name=run_name,
                 tags={"mlflow.runName": run_name, tag: value, "mlflow.source.git.commit": git_commit() or "",
                       **experiment_tags(), **(tags or {})})
     return run.info.run_id
@@ -458,11 +486,10 @@ def start_run(experiment: str, run_name: str, stage: str, tags: Mapping[str, Any
         with _run_status(tracker, stage):
             yield tracker
         return
-    found = tracker._call(client.get_experiment_by_name, experiment)
-    experiment_id = found.experiment_id if found else create_experiment(client, tracker.uri, experiment)
+    experiment_key = experiment_id(client, tracker.uri, experiment)
     all_tags = {"mlflow.runName": run_name, "mlflow.source.git.commit": git_commit(), **experiment_tags(),
                 **(tags or {})}
-    run = tracker._call(client.create_run, experiment_id, run_name=run_name,
+    run = tracker._call(client.create_run, experiment_key, run_name=run_name,
                         tags={k: str(v) for k, v in all_tags.items() if v is not None})
     tracker.run_id = run.info.run_id
     with _run_status(tracker, stage):
