@@ -207,6 +207,19 @@ def test_train_and_valid_partition_the_training_images(raw, default_splits):
     assert not np.array_equal(np.sort(valid_ids), np.arange(10000))
 
 
+def test_file_order_split_is_the_iwae_authors(raw, tmp_path):
+    """split_order file, validation_size 400 (yburda/iwae datasets.binarized_mnist(n_validation=400)):
+    the first 59600 training images train, in file order; the last 400 validate."""
+    sizes = prepare_mnist(raw["dir"], tmp_path, DataConfig(validation_size=400, split_order="file"))
+    assert sizes == {"train": 59600, "valid": 400, "test": 10000}
+    splits = load_splits(tmp_path)
+    assert np.array_equal(decode_ids(splits["train"].images), np.arange(59600))
+    assert np.array_equal(decode_ids(splits["valid"].images), np.arange(59600, 60000))
+    assert torch.equal(splits["train"].images, raw["train"][0][:59600])
+    with pytest.raises(ValueError, match="split_order"):
+        DataConfig(dataset="mnist", binarization="static", split_order="file")  # the files fix that split
+
+
 def test_test_split_is_the_test_images_in_order(raw, default_splits):
     source_images, source_labels = raw["test"]
     test = default_splits["test"]

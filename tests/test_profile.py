@@ -17,7 +17,7 @@ from vae.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"
-SHIPPED = ["aevb-figure2", "aevb-frey", "aevb-mnist", "iwae-mnist", "quick"]
+SHIPPED = ["aevb-figure2", "aevb-frey", "aevb-mnist", "iwae-mnist", "iwae-mnist-static", "quick"]
 
 
 def flat(params: Params) -> dict:
@@ -99,6 +99,19 @@ def test_iwae_mnist():
     assert train.batch_size == 20 and train.schedule == "iwae" and train.epochs == 3280
     assert train.training_samples is None and train.step_size_candidates is None
     assert params.evaluate.importance_samples == 5000
+    # The authors' protocol (yburda/iwae): their split, rounded rates, output bias, L_5000 on train too.
+    assert (params.data.validation_size, params.data.split_order) == (400, "file")
+    assert train.schedule_rounding is True and params.model.output_bias_init == "data_mean"
+    assert params.evaluate.train_examples is None
+
+
+def test_iwae_mnist_static_keeps_the_files_split():
+    params = profile.load_profile("iwae-mnist-static").params()
+    assert (params.data.binarization, params.data.validation_size, params.data.split_order) == ("static", None,
+                                                                                                "permuted")
+    dynamic = profile.load_profile("iwae-mnist").params()
+    assert (params.model, params.train) == (dynamic.model, dynamic.train)
+    assert params.evaluate.importance_samples == 5000 and params.evaluate.train_examples is None
 
 
 # --------------------------------------------------------------------------- apply()
@@ -108,7 +121,7 @@ def comment_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
 
 
-@pytest.mark.parametrize("name", ["aevb-mnist", "aevb-frey", "iwae-mnist"])
+@pytest.mark.parametrize("name", ["aevb-mnist", "aevb-frey", "iwae-mnist", "iwae-mnist-static"])
 def test_apply_rewrites_params_keeping_comments(params_copy, name):
     original = params_copy.read_text(encoding="utf-8")
     expected = profile.load_profile(name).params()

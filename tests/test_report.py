@@ -477,6 +477,26 @@ def test_frey_face_run_takes_its_facts_from_the_registry(tmp_path, monkeypatch) 
     assert "With latent_dim = 10" in captions["figures/latent_space.png"]  # projected to 2-D
 
 
+def test_the_iwae_authors_protocol_is_named_in_the_setup(tmp_path, monkeypatch) -> None:
+    """The iwae-mnist profile's split, rounded rates and output bias, each said in the set-up table;
+    at their defaults, none of them is."""
+    monkeypatch.setenv("VAE_TRACKING", "off")
+    reports = tmp_path / "reports"
+    params = _write_inputs(reports)
+    protocol = params.replace(data=params.data.replace(validation_size=400, split_order="file"),
+                              model=params.model.replace(output_bias_init="data_mean"),
+                              train=params.train.replace(schedule="iwae", schedule_rounding=True))
+    report.run(protocol, progress=False)
+    setup = dict(md_table((reports / "report.md").read_text(), "## 1. Set-up"))
+    assert "the last 400 training images, in file order, held out for validation" in setup["dataset"]
+    assert "round(10^(1 - i/7), 1) / 10" in setup["optimizer"] and "rounded as the authors' code" in setup["optimizer"]
+    assert "output bias initialised to the logit of the training mean image" in setup["optimizer"]
+    report.run(params, progress=False)
+    setup = dict(md_table((reports / "report.md").read_text(), "## 1. Set-up"))
+    assert "file order" not in setup["dataset"] and "round(" not in setup["optimizer"]
+    assert "output bias" not in setup["optimizer"]
+
+
 def test_static_mnist_is_set_beside_static_numbers_only(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VAE_TRACKING", "off")
     reports = tmp_path / "reports"

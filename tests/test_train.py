@@ -527,6 +527,21 @@ def test_learning_rate_schedule():
     assert learning_rate_at(iwae, 1e-3, 3279) == pytest.approx(1e-4, rel=1e-12)  # the last stage: 10^(-7/7)
 
 
+def test_rounded_schedule_gives_the_iwae_authors_rates():
+    """yburda/iwae experiments.py: stage i runs 3^i passes at 1e-4 * round(10 ** (1 - i/7.), 1)."""
+    rounded = TrainConfig(schedule="iwae", schedule_rounding=True)
+    stage_starts = [(3**i - 1) // 2 for i in range(8)]
+    rates = [learning_rate_at(rounded, 1e-3, first) for first in stage_starts]
+    assert rates == pytest.approx([1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4], rel=1e-12)
+    # Constant within a stage, for its 3^i passes; the unrounded schedule differs from stage 1 on.
+    for i, first in enumerate(stage_starts):
+        assert {learning_rate_at(rounded, 1e-3, p) for p in range(first, first + 3**i)} == {rates[i]}
+    unrounded = TrainConfig(schedule="iwae")
+    assert learning_rate_at(unrounded, 1e-3, 1) == pytest.approx(7.1969e-4, rel=1e-4) != rates[1]
+    with pytest.raises(ValueError, match="schedule_rounding"):
+        TrainConfig(schedule_rounding=True)  # rounds the iwae schedule only
+
+
 def test_training_follows_the_iwae_schedule(small_splits):
     rows: list[dict] = []
     train_model(small_model(), *small_splits, small_config(schedule="iwae", epochs=5, learning_rate=0.002), CPU,
@@ -706,6 +721,30 @@ def test_build_model_is_seeded_and_uses_init_std():
     default = build_model(Params(model=ModelConfig(hidden_dim=16, latent_dim=2)), SMALL_DIM)
     assert float(default.encoder[0].weight.detach().abs().max()) <= 1 / math.sqrt(SMALL_DIM)  # PyTorch's U(-1/sqrt(in), .)
     assert float(default.encoder[0].weight.detach().std()) > 0.05  # 1/8 / sqrt(3) = 0.072, not 0.01
+
+
+def test_output_bias_starts_at_the_logit_of_the_training_mean_image():
+    """yburda/iwae get_train_bias_np: -log(1 / clip(mean over training images, 0.001, 0.999) - 1),
+    per pixel; the decoder's mean image before training is then the training mean (where not clipped)."""
+    images = torch.zeros(4, SMALL_DIM, dtype=torch.uint8)
+    images[:, 1] = 255                                    # always on: clipped to 0.999
+    images[:2, 2] = 255                                   # on in half the images: 0.5
+    images[:1, 3] = 51                                    # grey 0.2 in one of four: 0.05
+    train = Split(images, torch.zeros(4, dtype=torch.int64), binary=False, binarization="dynamic")
+    params = Params(model=ModelConfig(hidden_dim=16, latent_dim=2, output_bias_init="data_mean"))
+    bias = build_model(params, SMALL_DIM, train).decoder[-1].bias.detach().double()
+    expected = torch.full((SMALL_DIM,), math.log(0.001 / 0.999), dtype=torch.float64)  # never on: clipped to 0.001
+    expected[1], expected[2], expected[3] = math.log(0.999 / 0.001), 0.0, math.log(0.05 / 0.95)
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-6)
+    # Binary images count as they are; the rest of the model is the default initialisation's.
+    binary = Split((images > 0).to(torch.uint8), torch.zeros(4, dtype=torch.int64), binary=True, binarization="static")
+    assert float(build_model(params, SMALL_DIM, binary).decoder[-1].bias[3].detach()) == pytest.approx(math.log(0.25 / 0.75))
+    default = build_model(Params(model=ModelConfig(hidden_dim=16, latent_dim=2)), SMALL_DIM)
+    assert_same_state({k: v for k, v in parameters_of(default).items() if k != "decoder.2.bias"},
+                      {k: v for k, v in parameters_of(build_model(params, SMALL_DIM, train)).items()
+                       if k != "decoder.2.bias"})
+    with pytest.raises(ValueError, match="needs the training split"):
+        build_model(params, SMALL_DIM)
 
 
 # --------------------------------------------------------------------------------------------

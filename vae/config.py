@@ -56,6 +56,8 @@ Algorithm = Literal["aevb", "wake-sleep"]
 Optimizer = Literal["adam", "adagrad"]
 Objective = Literal["elbo", "iwae"]
 Schedule = Literal["constant", "iwae"]
+SplitOrder = Literal["permuted", "file"]
+OutputBiasInit = Literal["default", "data_mean"]
 Device = Literal["auto", "cpu", "cuda"]
 Projection = Literal["pca", "tsne"]
 AISInitial = Literal["prior", "encoder"]
@@ -243,6 +245,10 @@ class DataConfig(Section):
         None, description="Test examples; null = the dataset's standard (MNIST's fixed 10000 test images; "
                           "Frey Face 200).")
     split_seed: Int = Field(0, ge=0, description="Seeds the permutation that splits the examples.")
+    split_order: SplitOrder = Field(
+        "permuted", description="mnist (dynamic): permuted (validation drawn by a permutation seeded with split_seed) "
+                                "or file (the last validation_size training images, in file order, as the IWAE "
+                                "authors' datasets.binarized_mnist(n_validation) takes them; the rest train).")
     binarization_seed: Int = Field(
         0, ge=0, description="Seeds the fixed binarization of the validation and test images.")
     train_subset: PositiveInt | None = Field(
@@ -260,6 +266,10 @@ class DataConfig(Section):
         if problems.valid("dataset", "test_size") and entry.fixed_test and self.test_size is not None:
             problems.add("test_size", f"{entry.title} has a fixed test set of {entry.test_size} images; expected "
                                       "null (use eval_subset to evaluate fewer)")
+        if problems.valid("dataset", "binarization", "split_order") and self.split_order == "file" \
+                and (self.dataset, self.binarization) != ("mnist", "dynamic"):
+            problems.add("split_order", f"file applies to mnist with binarization dynamic (the IWAE authors' split); "
+                                        f"expected permuted for {self.dataset} ({self.binarization})")
         if problems.valid("dataset", "binarization", "validation_size") and variant is not None \
                 and variant.fixed_split and self.validation_size is not None:
             problems.add("validation_size", f"the {self.binarization} binarization's files fix the split"
@@ -287,6 +297,10 @@ class ModelConfig(Section):
         None, description="null keeps PyTorch's default initialisation; a number draws every weight and bias from "
                           "N(0, init_std^2) (AEVB Sec. 5: N(0, 0.01), read as a standard deviation of 0.01, as in "
                           "the authors' code).")
+    output_bias_init: OutputBiasInit = Field(
+        "default", description="default (the initialisation above) or data_mean: the decoder's output bias set to "
+                               "logit(mean training pixel, clipped to [0.001, 0.999]), as the IWAE authors' "
+                               "get_train_bias_np does.")
 
 
 class TrainConfig(Section):
@@ -320,6 +334,10 @@ class TrainConfig(Section):
         "constant", description="constant, or iwae: the learning rate divided by 10^(i/7) during passes "
                                 "3^0 + ... + 3^(i-1) to 3^0 + ... + 3^i (Burda et al. 2016, Sec. 5; 3280 passes for "
                                 "i = 0..7).")
+    schedule_rounding: Bool = Field(
+        False, description="With schedule iwae: stage i's rate is learning_rate * round(10^(1 - i/7), 1) / 10 (the IWAE "
+                           "authors' code: 1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4) instead of "
+                           "learning_rate * 10^(-i/7).")
     objective: Objective = Field(
         "elbo", description="elbo (SGVB estimator B with samples = L) or iwae (the k-sample importance-weighted "
                             "bound, Burda et al. 2016 Eq. 8, samples = k > 1).")
@@ -362,6 +380,9 @@ class TrainConfig(Section):
                                    f"(training_samples = {self.training_samples!r})")
         if problems.valid("objective", "samples") and self.objective == "iwae" and self.samples == 1:
             problems.add("samples", "the iwae objective with k = 1 is the ELBO; expected k > 1 (or objective: elbo)")
+        if problems.valid("schedule", "schedule_rounding") and self.schedule_rounding and self.schedule != "iwae":
+            problems.add("schedule_rounding", f"rounds the iwae schedule's rates; expected false with schedule "
+                                              f"{self.schedule}")
         return problems.done()
 
 

@@ -81,9 +81,15 @@ def schedule_stage(pass_index: int) -> int:
 
 
 def learning_rate_at(config: TrainConfig, base: float, pass_index: int) -> float:
-    """The step size of pass ``pass_index`` (0-based): ``base``, or base * 10^(-i/7) under ``iwae``."""
+    """The step size of pass ``pass_index`` (0-based): ``base``, or under ``iwae`` base * 10^(-i/7)
+    for stage i (Burda et al. 2016, Sec. 5), or with ``schedule_rounding`` base * round(10^(1 - i/7), 1)
+    / 10, the rounded factors of the authors' code (yburda/iwae, experiments.py: 1e-4 * round(10 **
+    (1 - i / 7.), 1) for base 1e-3)."""
     if config.schedule == "iwae":
-        return base * 10.0 ** (-schedule_stage(pass_index) / 7.0)
+        stage = schedule_stage(pass_index)
+        if config.schedule_rounding:
+            return base * round(10.0 ** (1 - stage / 7.0), 1) / 10.0
+        return base * 10.0 ** (-stage / 7.0)
     return base
 
 

@@ -77,6 +77,25 @@ class VAE(nn.Module):
             parameter.normal_(0.0, std, generator=generator)
         return self
 
+    @torch.no_grad()
+    def initialize_output_bias_(self, pixel_means: torch.Tensor) -> VAE:
+        """Set the decoder's output bias to logit(clip(pixel_means, 0.001, 0.999)), so that before
+        training the decoder's mean is the training set's mean image (the IWAE authors' code,
+        yburda/iwae ``get_train_bias_np``). ``pixel_means``: (D,) float, each training pixel's
+        mean intensity in [0, 1]. Returns self.
+
+        Raises:
+            ValueError: ``pixel_means`` is not (D,) or holds values outside [0, 1] or NaN.
+        """
+        means = torch.as_tensor(pixel_means, dtype=torch.float64)
+        if tuple(means.shape) != (self.input_dim,) or not bool(((means >= 0) & (means <= 1)).all()):
+            raise ValueError(f"pixel_means: expected ({self.input_dim},) values in [0, 1], got "
+                             f"{tuple(means.shape)} from {float(means.min())} to {float(means.max())}")
+        clipped = means.clamp(0.001, 0.999)
+        output = self.decoder[-1]
+        output.bias.copy_(torch.log(clipped / (1 - clipped)).to(output.bias.dtype))
+        return self
+
     def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
         """Validate x and return it in the parameters' dtype (0 and 1 are exact in any float type)."""
         if not torch.is_floating_point(x) or x.ndim != 2 or x.shape[1] != self.input_dim:

@@ -111,7 +111,8 @@ def _training_data(summary: dict, params: Params) -> dict:
     """How the model was trained, from ``train_summary.json`` (``params`` where it records nothing):
     algorithm, objective, samples per example, MAP prior, optimizer, step size (and the trials it was
     chosen from: ``[(step size as written, train ELBO in nats)]``), epsilon, schedule, minibatch,
-    initial weights' standard deviation, passes, examples evaluated, early stopping, resumptions."""
+    initial weights' standard deviation and output bias, passes, examples evaluated, early stopping,
+    resumptions."""
     train = params.train
     return {
         "algorithm": summary.get("algorithm", "aevb"), "objective": summary.get("objective", "elbo"),
@@ -120,8 +121,9 @@ def _training_data(summary: dict, params: Params) -> dict:
         "learning_rate": summary.get("learning_rate", train.learning_rate),
         "step_size_trials": list((summary.get("step_size_trials") or {}).items()),
         "step_size_selection_samples": train.step_size_selection_samples,
-        "epsilon": train.epsilon, "schedule": train.schedule,
+        "epsilon": train.epsilon, "schedule": train.schedule, "schedule_rounding": train.schedule_rounding,
         "batch_size": summary.get("batch_size", train.batch_size), "init_std": params.model.init_std,
+        "output_bias_init": params.model.output_bias_init,
         "epochs": summary.get("epochs", train.epochs), "examples_seen": summary.get("examples_seen", 0),
         "stopped_early": bool(summary.get("stopped_early")), "best_pass": summary.get("best_pass"),
         "resumed_from_passes": list(summary.get("resumed_from_passes") or []),
@@ -413,6 +415,9 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
         "test_examples": m["test_examples"],
         # A test set drawn from the data (not the upstream one) depends on the split's seed.
         "split_seed": None if entry.fixed_test else params.data.split_seed,
+        "split_order": params.data.split_order,
+        "valid_examples": params.data.validation_size if params.data.validation_size is not None
+        else entry.validation_size,
     }
     model = {"input_dim": summary.get("input_dim", entry.input_dim), "hidden_dim": m["hidden_dim"],
              "hidden_layers": m.get("hidden_layers") or 1, "latent_dim": m["latent_dim"],

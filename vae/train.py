@@ -263,10 +263,14 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
     result, the training split's bytes and the device type (a resumed run must match all)."""
     digest = hashlib.sha256()
     train = {k: v for k, v in params.train.model_dump().items() if k not in ("device", "checkpoint_interval")}
-    if train["algorithm"] == "aevb":  # as before the option existed, so AEVB states written then still resume
-        del train["algorithm"]
-    settings = {"profile": None, "data": params.data.model_dump(), "model": params.model.model_dump(), "train": train,
-                "device": device.type}
+    data, model = params.data.model_dump(), params.model.model_dump()
+    # Options added later are left out at their defaults, as before they existed, so that states
+    # written then still resume.
+    for section, key, default in ((train, "algorithm", "aevb"), (train, "schedule_rounding", False),
+                                  (data, "split_order", "permuted"), (model, "output_bias_init", "default")):
+        if section[key] == default:
+            del section[key]
+    settings = {"profile": None, "data": data, "model": model, "train": train, "device": device.type}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     with open(train_file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -274,13 +278,30 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
     return digest.hexdigest()
 
 
-def build_model(params: Params, input_dim: int) -> VAE:
-    """The configured model, initialised from ``train.seed`` (N(0, init_std^2) when set)."""
+def pixel_means(split: Split) -> torch.Tensor:
+    """Each pixel's mean intensity over the split's images: (D,) float64 in [0, 1] (grey images
+    0..255 scaled; binary ones as they are)."""
+    values = split.images.double()
+    return (values if split.binary else values / 255.0).mean(0)
+
+
+def build_model(params: Params, input_dim: int, train: Split | None = None) -> VAE:
+    """The configured model, initialised from ``train.seed`` (N(0, init_std^2) when set), its
+    output bias from the training split's mean image when ``model.output_bias_init`` is
+    ``data_mean`` (:meth:`vae.model.VAE.initialize_output_bias_`).
+
+    Raises:
+        ValueError: ``data_mean`` without the training split ``train``.
+    """
     torch.manual_seed(params.train.seed)
     model = VAE(input_dim=input_dim, hidden_dim=params.model.hidden_dim, latent_dim=params.model.latent_dim,
                 hidden_layers=params.model.hidden_layers, likelihood=params.data.likelihood)
     if params.model.init_std is not None:
         model.initialize_normal_(params.model.init_std, torch.Generator().manual_seed(params.train.seed))
+    if params.model.output_bias_init == "data_mean":
+        if train is None:
+            raise ValueError("model.output_bias_init = data_mean needs the training split")
+        model.initialize_output_bias_(pixel_means(train))
     return model
 
 
@@ -303,7 +324,7 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
     folder = paths.processed_dir(data.dataset)
     splits = load_splits(folder)
     device = resolve_device(config.device)
-    model = build_model(params, splits["train"].images.shape[1])
+    model = build_model(params, splits["train"].images.shape[1], splits["train"])
     state = ResumableState(paths.train_state, fingerprint(params, folder / "train.pt", device))
     saved = state.load()
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")

@@ -3,7 +3,9 @@ binarize (binarization ``static`` lives in :mod:`vae.data.binarized_mnist`).
 
 Split: train / validation from the 60000 training images by a permutation seeded with
 ``split_seed`` (``validation_size`` null means the standard 10000, leaving 50000 for training),
-and the 10000 test images. Binarization ``dynamic`` (IWAE, Burda et al. 2016, Sec. 5.1;
+or with ``split_order: file`` the last ``validation_size`` images in file order (the IWAE
+authors' ``datasets.binarized_mnist(n_validation=400)``: 59600 train, 400 validation); and the
+10000 test images. Binarization ``dynamic`` (IWAE, Burda et al. 2016, Sec. 5.1;
 Salakhutdinov & Murray 2008): training images stay grey and are resampled
 x ~ Bernoulli(intensity) each time they are used; validation and test images are sampled once
 with a fixed seed and saved binary.
@@ -111,8 +113,12 @@ def prepare_mnist(raw_dir: Path, out_dir: Path, config: DataConfig) -> dict[str,
         raise ConfigError(f"data.validation_size = {validation_size}: expected fewer than "
                           f"the {len(train_images)} training images")
 
-    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.split_seed))
-    valid_index, train_index = order[:validation_size], order[validation_size:]
+    if config.split_order == "file":  # the IWAE authors' split: the last validation_size images validate
+        order = torch.arange(len(train_images))
+        train_index, valid_index = order[:-validation_size], order[-validation_size:]
+    else:
+        order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.split_seed))
+        valid_index, train_index = order[:validation_size], order[validation_size:]
     indices = take_subsets({"train": train_index, "valid": valid_index, "test": torch.arange(len(test_images))},
                            config.train_subset, config.eval_subset)
     train_index, valid_index, test_index = indices["train"], indices["valid"], indices["test"]
