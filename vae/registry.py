@@ -159,8 +159,12 @@ def promote_first(client: Any, name: str, version: str) -> Decision | None:
     """
     if current_champion(client, name) is not None:
         return None
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return _record(client, Decision(name, str(version), True, str(version), FIRST_REASON.format(name=name)))
+    return _first_champion(client, name, str(version))
+
+
+def _first_champion(client: Any, name: str, version: str) -> Decision:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return _record(client, Decision(name, version, True, version, FIRST_REASON.format(name=name)))
 
 
 def promote_if_better(client: Any, name: str, version: str,
@@ -191,8 +195,7 @@ def promote_if_better(client: Any, name: str, version: str,
     version = str(challenger.version)
     champion = current_champion(client, name)
     if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return _record(client, Decision(name, version, True, version, FIRST_REASON.format(name=name)))
+        return _first_champion(client, name, version)
     if str(champion.version) == version:
         return _record(client, Decision(name, version, False, version, "this version already is the champion"))
     scores = test_log_likelihoods(client, challenger)

@@ -282,9 +282,9 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "mlruns").as_uri()
 
 
-# MLflow's UI opens an experiment on the view its kind calls for (MLflow 3: traces and sessions for
-# GenAI, the run list and charts for model training); without the tag it guesses, and guessed
-# GenAI for this project's experiments.
+# MLflow's mark of an experiment's kind: model training here, not GenAI (its UI's experiment-type
+# selector shows it). MLflow 3.17's UI still opens experiments in the view the browser last chose,
+# GenAI by default; the README says how to open the Model training view.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 

@@ -281,8 +281,8 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
 def pixel_means(split: Split) -> torch.Tensor:
     """Each pixel's mean intensity over the split's images: (D,) float64 in [0, 1] (grey images
     0..255 scaled; binary ones as they are)."""
-    values = split.images.double()
-    return (values if split.binary else values / 255.0).mean(0)
+    sums = split.images.sum(0, dtype=torch.float64)  # no float copy of the whole split
+    return sums / len(split) / (1.0 if split.binary else 255.0)
 
 
 def build_model(params: Params, input_dim: int, train: Split | None = None) -> VAE:
