@@ -615,3 +615,79 @@ def make_linear_gaussian(D: int, k: int, examples: int, seed: int = 0, shift: fl
     z = torch.randn(examples, k, generator=g, dtype=DTYPE)
     x = z @ W.T + b + sigma * torch.randn(examples, D, generator=g, dtype=DTYPE)
     return LinearGaussianModel(W, b, sigma, shift, inflate), x
+
+
+class LinearGaussianTwoLayerModel(nn.Module):
+    """Two stochastic layers, all linear-Gaussian: p(z2) = N(0, I), p(z1|z2) = N(A z2 + a, s1^2 I),
+    p(x|z1) = N(B z1 + b, sx^2 I), so p(x) = N(B a + b, B (A A^T + s1^2 I) B^T + sx^2 I) exactly.
+
+    The inference model is a :class:`vae.objectives.TwoLayerModel`'s: q(z1|x) = N(m1(x), diag v1) with
+    m1 the exact posterior mean E[z1|x] and v1 the diagonal of Cov[z1|x] times ``inflate``;
+    q(z2|z1) = N(m2(z1), diag v2), m2 the exact E[z2|z1] (p(z2|z1, x) = p(z2|z1)) and v2 the
+    diagonal of Cov[z2|z1] times ``inflate``, every mean moved by ``shift`` standard deviations.
+    With diagonal A and B (``diagonal=True`` in :func:`make_linear_gaussian_two_layer`) the
+    posteriors are diagonal, so q is exact for shift 0 and inflate 1 and every importance weight
+    equals p(x). float64.
+    """
+
+    def __init__(self, A: torch.Tensor, a: torch.Tensor, s1: float, B: torch.Tensor, b: torch.Tensor, sx: float,
+                 shift: float = 0.0, inflate: float = 1.0) -> None:
+        super().__init__()
+        self.A, self.a, self.s1, self.B, self.b, self.sx = A, a, s1, B, b, sx
+        self.latent_dim, self.top_latent_dim = A.shape
+        d1, d2 = A.shape
+        prior_cov = A @ A.T + s1**2 * torch.eye(d1, dtype=A.dtype)          # Cov[z1]
+        self.prior_precision = torch.linalg.inv(prior_cov)
+        self.cov1 = torch.linalg.inv(B.T @ B / sx**2 + self.prior_precision)  # Cov[z1|x]
+        self.cov2 = torch.linalg.inv(torch.eye(d2, dtype=A.dtype) + A.T @ A / s1**2)  # Cov[z2|z1]
+        self.shift, self.inflate = shift, inflate
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = ((x - self.b) @ self.B / self.sx**2 + self.a @ self.prior_precision) @ self.cov1
+        var = torch.diagonal(self.cov1).expand_as(mean)
+        return mean + self.shift * var.sqrt(), torch.log(self.inflate * var)
+
+    def encode_top(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = ((z1 - self.a) @ self.A / self.s1**2) @ self.cov2
+        var = torch.diagonal(self.cov2).expand_as(mean)
+        return mean + self.shift * var.sqrt(), torch.log(self.inflate * var)
+
+    def decode_top(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = z2 @ self.A.T + self.a
+        return mean, torch.full_like(mean, 2 * math.log(self.s1))
+
+    def decoder_log_prob(self, x: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+        mean = z1 @ self.B.T + self.b
+        return (-0.5 * ((x - mean) / self.sx) ** 2 - math.log(self.sx) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def decoder_sample(self, z1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean = z1 @ self.B.T + self.b
+        return mean + self.sx * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x), (batch,) nats."""
+        D = self.B.shape[0]
+        cov = self.B @ (self.A @ self.A.T + self.s1**2 * torch.eye(self.latent_dim, dtype=self.A.dtype)) @ self.B.T
+        cov = cov + self.sx**2 * torch.eye(D, dtype=self.B.dtype)
+        return MultivariateNormal(self.B @ self.a + self.b, covariance_matrix=cov).log_prob(x)
+
+
+def make_linear_gaussian_two_layer(D: int, d1: int, d2: int, examples: int, *, diagonal: bool = False,
+                                   seed: int = 0, shift: float = 0.0,
+                                   inflate: float = 1.0) -> tuple[LinearGaussianTwoLayerModel, torch.Tensor]:
+    """A :class:`LinearGaussianTwoLayerModel` (s1 = 0.6, sx = 0.5; A and B random, or diagonal with
+    entries in [0.5, 2] when ``diagonal``, which needs D = d1 = d2) and ``examples`` draws from it."""
+    g = generator(seed)
+    if diagonal:
+        assert D == d1 == d2, "a diagonal model has D = d1 = d2"
+        A = torch.diag(0.5 + 1.5 * torch.rand(d1, generator=g, dtype=DTYPE))
+        B = torch.diag(0.5 + 1.5 * torch.rand(D, generator=g, dtype=DTYPE))
+    else:
+        A = torch.randn(d1, d2, generator=g, dtype=DTYPE) / math.sqrt(d2)
+        B = torch.randn(D, d1, generator=g, dtype=DTYPE) / math.sqrt(d1)
+    a, b = torch.randn(d1, generator=g, dtype=DTYPE), torch.randn(D, generator=g, dtype=DTYPE)
+    s1, sx = 0.6, 0.5
+    z2 = torch.randn(examples, d2, generator=g, dtype=DTYPE)
+    z1 = z2 @ A.T + a + s1 * torch.randn(examples, d1, generator=g, dtype=DTYPE)
+    x = z1 @ B.T + b + sx * torch.randn(examples, D, generator=g, dtype=DTYPE)
+    return LinearGaussianTwoLayerModel(A, a, s1, B, b, sx, shift, inflate), x

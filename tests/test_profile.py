@@ -12,12 +12,12 @@ import yaml
 
 from vae import profile
 from vae.cli import main
-from vae.config import Params, load_params
+from vae.config import Params, load_params, overlay
 from vae.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"
-SHIPPED = ["aevb-figure2", "aevb-frey", "aevb-mnist", "iwae-mnist", "iwae-mnist-static", "quick"]
+SHIPPED = ["aevb-figure2", "aevb-frey", "aevb-mnist", "iwae-mnist", "iwae-mnist-2layer", "iwae-mnist-static", "quick"]
 
 
 def flat(params: Params) -> dict:
@@ -114,6 +114,19 @@ def test_iwae_mnist_static_keeps_the_files_split():
     assert params.evaluate.importance_samples == 5000 and params.evaluate.train_examples is None
 
 
+def test_iwae_mnist_2layer_is_the_authors_two_layer_model_with_the_same_protocol():
+    params = profile.load_profile("iwae-mnist-2layer").params()
+    model = params.model
+    # yburda/iwae --layers 2: z1 of 100 and z2 of 50; 200-200 between x and z1, 100-100 between z1 and z2.
+    assert (model.stochastic_layers, model.latent_dim, model.top_latent_dim) == (2, 100, 50)
+    assert (model.hidden_layers, model.hidden_dim, model.top_hidden_dim) == (2, 200, 100)
+    one_layer = profile.load_profile("iwae-mnist").params()
+    assert (params.data, params.train, params.evaluate) == (one_layer.data, one_layer.train, one_layer.evaluate)
+    assert model.output_bias_init == "data_mean" and model.init_std is None
+    iwae = overlay(params, {"train": {"objective": "iwae", "samples": 50}})  # Table 1's IWAE row
+    assert (iwae.train.objective, iwae.train.samples) == ("iwae", 50)
+
+
 # --------------------------------------------------------------------------- apply()
 
 
@@ -121,7 +134,7 @@ def comment_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
 
 
-@pytest.mark.parametrize("name", ["aevb-mnist", "aevb-frey", "iwae-mnist", "iwae-mnist-static"])
+@pytest.mark.parametrize("name", ["aevb-mnist", "aevb-frey", "iwae-mnist", "iwae-mnist-static", "iwae-mnist-2layer"])
 def test_apply_rewrites_params_keeping_comments(params_copy, name):
     original = params_copy.read_text(encoding="utf-8")
     expected = profile.load_profile(name).params()

@@ -285,14 +285,24 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     """Architecture: ``hidden_layers`` tanh layers of ``hidden_dim`` units in the encoder and, mirrored,
-    in the decoder (AEVB App. C: one layer; IWAE's one-stochastic-layer model: two of 200). The
-    decoder's likelihood follows the data (``DataConfig.likelihood``)."""
+    in the decoder (AEVB App. C: one layer; IWAE's one-stochastic-layer model: two of 200). With
+    ``stochastic_layers`` 2, a second Gaussian latent layer z2 of ``top_latent_dim`` units above z1,
+    ``hidden_layers`` tanh layers of ``top_hidden_dim`` units between them on each side (IWAE's
+    784-200-200-100-100-100-50; :class:`vae.model.TwoLayerVAE`). The decoder's likelihood follows
+    the data (``DataConfig.likelihood``)."""
 
     section: ClassVar[str] = "model"
 
-    latent_dim: PositiveInt = Field(20, description="N_z: size of the latent variable z.")
-    hidden_dim: PositiveInt = Field(500, description="Units of each tanh hidden layer.")
-    hidden_layers: PositiveInt = Field(1, description="Tanh layers on each side (AEVB: 1; IWAE's model: 2).")
+    stochastic_layers: Int = Field(
+        1, ge=1, le=2, description="1: x <-> z; 2: x <-> z1 <-> z2 (IWAE Sec. 5's two-stochastic-layer model: q(z1|x) q(z2|z1), "
+                       "p(z2) p(z1|z2) p(x|z1), Gaussian latent layers; latent_dim is z1's size).")
+    latent_dim: PositiveInt = Field(20, description="N_z: size of the latent variable z (z1 with two stochastic layers).")
+    hidden_dim: PositiveInt = Field(500, description="Units of each tanh hidden layer (between x and z, or z1).")
+    hidden_layers: PositiveInt = Field(
+        1, description="Tanh layers on each side (AEVB: 1; IWAE's models: 2), also between z1 and z2.")
+    top_latent_dim: PositiveInt = Field(50, description="Two stochastic layers only: the size of z2 (IWAE: 50).")
+    top_hidden_dim: PositiveInt = Field(
+        100, description="Two stochastic layers only: units of each tanh layer between z1 and z2, in q and p (IWAE: 100).")
     init_std: PositiveFloat | None = Field(
         None, description="null keeps PyTorch's default initialisation; a number draws every weight and bias from "
                           "N(0, init_std^2) (AEVB Sec. 5: N(0, 0.01), read as a standard deviation of 0.01, as in "
@@ -727,6 +737,9 @@ def _params(raw: Any, source: str, base: Params | None = None) -> Params:
         problems.append(f"profile = {shown(profile)}: expected a profile name (lower-case letters, digits, "
                         "hyphens), e.g. quick")
     built, found = _sections(raw, dict(base) if base else {})
+    if not found and built["model"].stochastic_layers == 2 and built["train"].algorithm == "wake-sleep":
+        found.append("train.algorithm = 'wake-sleep': trains models with one stochastic layer (its sleep phase "
+                      "fits q(z|x) to fantasies from p(z) = N(0, I)); expected aevb, or model.stochastic_layers: 1")
     if problems or found:
         raise invalid(source, problems + found)
     return Params(profile=profile, **built)

@@ -7,7 +7,8 @@ Writes (paths under ``paths.reports``):
   k = ``importance_samples``; Burda et al. 2016, Eq. 8) and its standard error over examples, the
   test ELBO (estimator B, averaged over the same k samples), L_k on ``train_examples`` training
   images (binarized once with a fixed seed) so that overfitting shows as a number, L_k' at each
-  k' of the curve, and the number of active units (Burda et al. 2016, Sec. 5.2).
+  k' of the curve, and the number of active units (Burda et al. 2016, Sec. 5.2; with two
+  stochastic layers, also per layer: ``active_units_per_layer``).
 - ``bound_curve.csv`` (DVC plot): k, L_k and its standard error, test and train.
 - ``log_likelihood_per_example.csv``: each evaluated example's L_k and ELBO (for the histogram).
 - ``active_units.json``: the per-unit variances A_u.
@@ -41,7 +42,7 @@ from vae.config import EvaluateConfig, Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
 from vae.io import file_sha256, read_json, write_csv, write_json
-from vae.model import VAE, load_model
+from vae.model import VAE, TwoLayerVAE, load_model
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor
                      "ais_leapfrog_steps": config.ais_leapfrog_steps, "ais_initial": config.ais_initial,
                      "ais_schedule": config.ais_schedule}
     frames = []
-    with_appendix_d = model.latent_dim <= mcmc.APPENDIX_D_MAX_LATENT_DIM
+    with_appendix_d = mcmc.standard_prior(model).latent_dim <= mcmc.APPENDIX_D_MAX_LATENT_DIM
     total = (sum(counts.values()) + 2 * config.bdmc_examples) * config.ais_temperatures
     with tqdm(total=total, desc=f"AIS (T = {config.ais_temperatures})", unit="image-step", unit_scale=True,
               disable=not progress) as bar:
@@ -153,9 +154,21 @@ def tightness(model: VAE, config: EvaluateConfig, images: dict[str, torch.Tensor
     return metrics, pd.concat(frames, ignore_index=True)
 
 
-def _encode_means(model: VAE, x: torch.Tensor) -> torch.Tensor:
+ACTIVE_UNIT_SAMPLES = 64  # draws of z1 behind each image's E_q[z2|x] (TwoLayerVAE.layer_means)
+
+
+def posterior_means(model: VAE, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """E_q[z|x] per stochastic layer, for the active units: [(N, latent_dim)], or for a
+    :class:`~vae.model.TwoLayerVAE` [(N, latent_dim), (N, top_latent_dim)], E_q[z2|x] averaged over
+    :data:`ACTIVE_UNIT_SAMPLES` draws of z1 (seeded by ``seed``, per block of 10000 images)."""
+    blocks = []
     with torch.no_grad():
-        return torch.cat([model.encode(x[i : i + 10000])[0] for i in range(0, len(x), 10000)])
+        for i in range(0, len(x), 10000):
+            if isinstance(model, TwoLayerVAE):
+                blocks.append(model.layer_means(x[i : i + 10000], ACTIVE_UNIT_SAMPLES, seed + i))
+            else:
+                blocks.append((model.encode(x[i : i + 10000])[0],))
+    return [torch.cat(layer) for layer in zip(*blocks, strict=True)]
 
 
 
@@ -179,7 +192,9 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                "train": evaluate_split(model, train_x, k, curve, config.memory_budget_mb, config.seed + 1,
                                        "train", progress)}
     seconds = time.perf_counter() - started
-    active, variances = objectives.active_units(_encode_means(model, test_x), config.active_unit_threshold)
+    per_layer = [objectives.active_units(means, config.active_unit_threshold)
+                 for means in posterior_means(model, test_x, config.seed)]
+    active, variances = sum(count for count, _ in per_layer), torch.cat([v for _, v in per_layer])
     started_ais = time.perf_counter()
     tight, tight_frame = tightness(model, config, {"test": test_x, "train": train_x}, results, progress)
     ais_seconds = time.perf_counter() - started_ais
@@ -199,6 +214,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                                              "hidden_dim", "hidden_layers", "algorithm", "objective", "samples",
                                              "optimizer", "learning_rate", "batch_size", "epochs",
                                              "examples_seen")},
+        **{key: summary[key] for key in ("stochastic_layers", "top_latent_dim", "top_hidden_dim") if key in summary},
         "importance_samples": k, "test_examples": len(test_x),
         "test_log_likelihood": round(test_ll, 4), "test_log_likelihood_stderr": round(test_se, 4),
         "test_elbo": round(float(results["test"].elbo.double().mean()), 4),
@@ -207,6 +223,7 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         "train_test_gap": round(train_ll - test_ll, 4),
         "train_elbo": round(summary["train_elbo"], 4), "valid_elbo": round(summary["valid_elbo"], 4),
         "active_units": active,
+        **({"active_units_per_layer": [count for count, _ in per_layer]} if len(per_layer) > 1 else {}),
         "bound_curve": {str(r["k"]): round(r["test_log_likelihood"], 4) for r in rows},
         **tight,
     }
@@ -223,7 +240,10 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
         write_csv(paths.per_example, per_example)
         write_csv(paths.ais_per_example, tight_frame)
         write_json(paths.unit_variances, {"threshold": config.active_unit_threshold,
-                                          "unit_variances": [round(float(v), 6) for v in variances]})
+                                          "unit_variances": [round(float(v), 6) for v in variances],
+                                          **({"unit_variances_per_layer": [[round(float(v), 6) for v in layer]
+                                                                           for _, layer in per_layer]}
+                                             if len(per_layer) > 1 else {})})
         pairs = (len(test_x) + train_count) * k
         if "test_ais_log_likelihood" in tight:
             print(f"AIS (T = {config.ais_temperatures}, {config.ais_chains} chains, from the {config.ais_initial}) on "
@@ -236,7 +256,9 @@ def run(params: Params, progress: bool = True, *, register: bool = True) -> dict
                   flush=True)
         print(f"test L_{k} = {test_ll:.2f} +- {test_se:.2f} nats, test ELBO {metrics['test_elbo']:.2f}; "
               f"train L_{k} = {train_ll:.2f} +- {train_se:.2f} on {train_count} images "
-              f"(gap {train_ll - test_ll:.2f}); {active} active units; "
+              f"(gap {train_ll - test_ll:.2f}); {active} active units"
+              + (f" ({' + '.join(str(count) for count, _ in per_layer)} by layer)" if len(per_layer) > 1 else "")
+              + "; "
               f"{pairs / seconds:,.0f} importance samples/s on {describe(device)}", flush=True)
         numbers = {key: value for key, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -25,7 +25,9 @@ Conventions: ``x`` is (N, D) float; the chains of a chunk of n examples are (C, 
 log-densities are summed over their event dimensions; everything is in nats per example. A model
 is anything with ``decoder_log_prob(x, z)`` (and ``encode(x)`` for the encoder's initial
 distribution); one with ``decoder_log_prob_and_grad(x, z)`` (:class:`vae.model.VAE`) gives its
-gradient in closed form, others are differentiated by autograd.
+gradient in closed form, others are differentiated by autograd. A model with two stochastic
+layers (:class:`vae.objectives.TwoLayerModel`) is sampled in its noise coordinates
+(:class:`Whitened`), where its prior is N(0, I) and everything here applies unchanged.
 
 Every estimate is seeded and deterministic: example i draws all its noise from its own generator,
 in fixed-size blocks, so how the (examples x chains) grid is cut into chunks changes a result by
@@ -41,7 +43,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from vae.objectives import gaussian_log_prob, standard_normal_log_prob
+from vae.objectives import gaussian_log_prob, is_two_layer, standard_normal_log_prob
 
 Initial = Literal["prior", "encoder"]
 INITIALS: tuple[str, ...] = ("prior", "encoder")
@@ -63,6 +65,65 @@ class DecoderModel(Protocol):
 
     def decoder_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over D: x (n, D), z (..., n, latent_dim) -> (..., n), nats."""
+
+
+class Whitened:
+    """A two-stochastic-layer model in the coordinates of its prior's noise, u = (u1, u2) ~ N(0, I):
+    z2 = u2 and z1 = m(z2) + exp(v(z2) / 2) * u1, where p(z1|z2) = N(m(z2), diag exp(v(z2))).
+
+    The map u -> (z1, z2) is a bijection under which N(u; 0, I) du = p(z2) p(z1|z2) dz1 dz2, so
+    p(x) = E_{u ~ N(0, I)}[p(x | z1(u))]: the model is a :class:`DecoderModel` of latent size
+    latent_dim + top_latent_dim (u1's entries first) whose ``decoder_log_prob(x, u)`` is
+    log p(x | z1(u)). AIS, BDMC and HMC then run on u with their standard-normal prior, and a
+    state u is an exact posterior sample whenever (z1, z2) is one. (Sampling in these coordinates
+    is the "non-centred" parameterization of hierarchical models; Papaspiliopoulos, Roberts &
+    Skold 2007.)
+
+    ``encode(x)``, the initial distribution of "AIS + encoder", is a diagonal Gaussian in u: for
+    u2 q(z2|z1) at z1 = mu1(x), for u1 q(z1|x) mapped through the whitening at z2 = mu2(mu1(x)),
+    i.e. mean (mu1 - m) exp(-v/2) and log-variance log_var1 - v. Any normalised initial
+    distribution keeps AIS unbiased; this one approximates q(z1, z2|x) pushed to u.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.latent_dim = model.latent_dim + model.top_latent_dim
+        self.input_dim = getattr(model, "input_dim", 0)
+        self.hidden_dim = getattr(model, "hidden_dim", 0) + getattr(model, "top_hidden_dim", 0)
+        self.hidden_layers = getattr(model, "hidden_layers", 1)
+
+    def first_layer(self, u: torch.Tensor) -> torch.Tensor:
+        """z1(u): u (..., latent_dim + top_latent_dim) -> (..., latent_dim of z1)."""
+        first = self.model.latent_dim
+        mean, log_var = self.model.decode_top(u[..., first:])
+        return mean + torch.exp(0.5 * log_var) * u[..., :first]
+
+    def decoder_log_prob(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log p(x | z1(u)): x (n, D), u (..., n, latent_dim) -> (..., n), nats."""
+        return self.model.decoder_log_prob(x, self.first_layer(u))
+
+    def decoder_sample(self, u: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x | z1(u)), no gradient: u (..., latent_dim) -> (..., D)."""
+        with torch.no_grad():
+            return self.model.decoder_sample(self.first_layer(u), generator)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian initial distribution in u described above: x (n, D) -> (mean, log_var), (n, latent_dim)."""
+        mu1, log_var1 = self.model.encode(x)
+        mu2, log_var2 = self.model.encode_top(mu1)
+        mean, log_var = self.model.decode_top(mu2)
+        return (torch.cat([(mu1 - mean) * torch.exp(-0.5 * log_var), mu2], -1),
+                torch.cat([log_var1 - log_var, log_var2], -1))
+
+    def parameters(self):
+        """The model's parameters (their device and dtype are the chains')."""
+        return self.model.parameters()
+
+
+def standard_prior(model):
+    """``model`` itself when its prior is N(0, I) on z, its :class:`Whitened` form when it has two
+    stochastic layers (:func:`vae.objectives.is_two_layer`)."""
+    return Whitened(model) if is_two_layer(model) else model
 
 
 class GradientError(ValueError):
@@ -302,6 +363,7 @@ def pairs_for_budget(model: DecoderModel, memory_budget_mb: float) -> int:
     Per pair a leapfrog step holds the decoder's hidden layers and about three D-sized outputs
     (logits, their gradient and the likelihood's terms), plus a dozen latent-sized vectors.
     """
+    model = standard_prior(model)
     hidden = getattr(model, "hidden_dim", 0) * getattr(model, "hidden_layers", 1)
     outputs = getattr(model, "input_dim", 0)
     per_pair = (2 * hidden + 3 * outputs + 12 * model.latent_dim + 8) * FLOAT_BYTES
@@ -384,6 +446,7 @@ def hmc_sample(model: DecoderModel, x: torch.Tensor, samples: int, *, chains: in
         GradientError: the model's closed-form gradient disagrees with autograd.
     """
     _check_common(x, chains, leapfrog_steps, target_acceptance)
+    model = standard_prior(model)
     if samples < 1 or burn_in < 0 or thin < 1:
         raise ValueError(f"samples = {samples}, burn_in = {burn_in}, thin = {thin}: expected samples >= 1, "
                          "burn_in >= 0 and thin >= 1")
@@ -482,6 +545,7 @@ def ais(model: DecoderModel, x: torch.Tensor, temperatures: int | torch.Tensor =
         GradientError: the model's closed-form gradient disagrees with autograd.
     """
     _check_common(x, chains, leapfrog_steps, target_acceptance)
+    model = standard_prior(model)
     betas = _betas(temperatures, schedule)
     if reverse_from is not None:
         if reverse_from.shape != (len(x), model.latent_dim):
@@ -568,9 +632,11 @@ def simulate(model: DecoderModel, count: int, seed: int = 0,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Data from the model itself: z ~ N(0, I), x ~ p(x|z) (``model.decoder_sample``).
 
-    Returns (x (count, D), z (count, latent_dim)); z is an exact posterior sample of its x. z is
+    Returns (x (count, D), z (count, latent_dim)); z is an exact posterior sample of its x (for a
+    two-stochastic-layer model, u of :class:`Whitened`, latent_dim + top_latent_dim wide). z is
     drawn in the dtype of the model's parameters (the default dtype for a model without any).
     """
+    model = standard_prior(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     z = torch.randn(count, model.latent_dim, generator=generator, device=device,
@@ -680,6 +746,7 @@ def appendix_d_log_likelihood(model: DecoderModel, x: torch.Tensor, samples: int
             space of fewer than 5 dimensions), ``samples`` not a positive multiple of ``chains``,
             or what :func:`hmc_sample` raises.
     """
+    model = standard_prior(model)
     if model.latent_dim > APPENDIX_D_MAX_LATENT_DIM:
         raise ValueError(f"latent_dim = {model.latent_dim}: AEVB's Appendix D estimator is reliable only for a "
                          f"latent space of fewer than 5 dimensions (Kingma & Welling 2014, App. D); use AIS")
@@ -697,7 +764,7 @@ def appendix_d_log_likelihood(model: DecoderModel, x: torch.Tensor, samples: int
     return AppendixDEstimate(estimate.to(x.dtype).to(x.device), draws.acceptance_rate)
 
 
-__all__ = ["AISEstimate", "AppendixDEstimate", "BDMCBounds", "ChainNoise", "GradientError", "HMCSamples",
+__all__ = ["Whitened", "standard_prior", "AISEstimate", "AppendixDEstimate", "BDMCBounds", "ChainNoise", "GradientError", "HMCSamples",
            "INITIALS", "Path", "Point", "SCHEDULES", "ais", "appendix_d_log_likelihood", "bdmc",
            "check_gradient", "fitted_log_density", "hmc_sample", "hmc_transition", "jittered", "linear_schedule", "log_mean_exp",
            "log_prob_and_grad", "pairs_for_budget", "sigmoid_schedule", "simulate"]

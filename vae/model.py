@@ -4,8 +4,9 @@ Encoder q(z|x) = N(mu(x), diag exp(log_var(x))); prior p(z) = N(0, I); decoder p
 Bernoulli(sigmoid(logits(z))) for binary data or, for real-valued data in [0, 1] (Frey Face),
 N(x; sigmoid(logits(z)), diag exp(log_var(z))) with a learned per-pixel log-variance (App. C.2,
 means constrained to (0, 1) by a sigmoid as for Frey Face in Sec. 5). Encoder and decoder are MLPs
-with ``hidden_layers`` tanh layers. Checkpoints hold only tensors and plain values, and
-:func:`load_model` reads them with ``torch.load(weights_only=True)``.
+with ``hidden_layers`` tanh layers. :class:`TwoLayerVAE` adds a second stochastic layer above z
+(IWAE's two-stochastic-layer model, Burda et al. 2016, Sec. 5). Checkpoints hold only tensors and
+plain values, and :func:`load_model` reads them with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class VAE(nn.Module):
     Raises:
         ValueError: a size below 1 or an unknown likelihood.
     """
+
+    stochastic_layers = 1
 
     def __init__(self, input_dim: int = 784, hidden_dim: int = 500, latent_dim: int = 20,
                  hidden_layers: int = 1, likelihood: str = "bernoulli") -> None:
@@ -279,6 +282,112 @@ class VAE(nn.Module):
         return self.decoder_mean(z)
 
 
+class TwoLayerVAE(VAE):
+    """A VAE with two stochastic layers (Burda et al. 2016, Sec. 5; the authors' ``--layers 2``).
+
+    Generative model p(z2) p(z1|z2) p(x|z1): p(z2) = N(0, I); p(z1|z2) = N(m(z2), diag exp(v(z2)))
+    through ``hidden_layers`` tanh layers of ``top_hidden_dim`` units; p(x|z1) the decoder of
+    :class:`VAE` with z = z1. Inference model q(z1|x) q(z2|z1): q(z1|x) the encoder of
+    :class:`VAE`; q(z2|z1) = N(mu2(z1), diag exp(log_var2(z1))) through ``hidden_layers`` tanh
+    layers of ``top_hidden_dim`` units. IWAE's model: 784-200-200-100 between x and z1, 100-100-100-50
+    between z1 and z2 (``hidden_dim`` 200, ``latent_dim`` 100, ``top_hidden_dim`` 100,
+    ``top_latent_dim`` 50, ``hidden_layers`` 2). The authors' Gaussian layers output log sigma
+    (``nnet.Exponential``), these log sigma^2: the same family, a factor 2 in one linear layer.
+
+    Everything inherited speaks of the first layer: ``encode`` gives q(z1|x), ``decode`` and
+    ``decoder_log_prob`` take z1, ``latent_dim`` is z1's size. The bounds (``elbo``,
+    ``log_likelihood`` and :mod:`vae.objectives`) run over both layers; :meth:`sample` draws
+    ancestrally from p(z2) p(z1|z2).
+
+    Raises:
+        ValueError: a size below 1 or an unknown likelihood.
+    """
+
+    stochastic_layers = 2
+
+    def __init__(self, input_dim: int = 784, hidden_dim: int = 200, latent_dim: int = 100,
+                 hidden_layers: int = 2, likelihood: str = "bernoulli", top_latent_dim: int = 50,
+                 top_hidden_dim: int = 100) -> None:
+        super().__init__(input_dim, hidden_dim, latent_dim, hidden_layers, likelihood)
+        if min(top_latent_dim, top_hidden_dim) < 1:
+            raise ValueError(f"sizes must be >= 1, got top_latent_dim={top_latent_dim}, "
+                             f"top_hidden_dim={top_hidden_dim}")
+        self.top_latent_dim, self.top_hidden_dim = top_latent_dim, top_hidden_dim
+        self.top_encoder = nn.Sequential(*_tanh_mlp(latent_dim, top_hidden_dim, hidden_layers))
+        self.top_encoder_mean = nn.Linear(top_hidden_dim, top_latent_dim)
+        self.top_encoder_log_var = nn.Linear(top_hidden_dim, top_latent_dim)
+        self.top_decoder = nn.Sequential(*_tanh_mlp(top_latent_dim, top_hidden_dim, hidden_layers))
+        self.top_decoder_mean = nn.Linear(top_hidden_dim, latent_dim)
+        self.top_decoder_log_var = nn.Linear(top_hidden_dim, latent_dim)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, as stored in checkpoints (with ``stochastic_layers``: 2)."""
+        return {**super().config(), "stochastic_layers": 2, "top_latent_dim": self.top_latent_dim,
+                "top_hidden_dim": self.top_hidden_dim}
+
+    def encode_top(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z2|z1): z1 (..., latent_dim) -> (mean, log-variance), each (..., top_latent_dim)."""
+        hidden = self.top_encoder(z1)
+        return self.top_encoder_mean(hidden), self.top_encoder_log_var(hidden)
+
+    def decode_top(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z1|z2): z2 (..., top_latent_dim) -> (mean, log-variance), each (..., latent_dim)."""
+        hidden = self.top_decoder(z2)
+        return self.top_decoder_mean(hidden), self.top_decoder_log_var(hidden)
+
+    def pairs_for_budget(self, memory_budget_mb: float) -> int:
+        """:meth:`VAE.pairs_for_budget` with the top layer's activations (its hidden layers on both
+        sides, z2's noise and value, p(z1|z2)'s mean and log-variance) added per pair."""
+        outputs = self.input_dim * (3 if self.likelihood == "gaussian" else 1)
+        per_pair = (4 * self.latent_dim + 2 * self.top_latent_dim + self.hidden_dim * self.hidden_layers
+                    + 2 * self.top_hidden_dim * self.hidden_layers + outputs) * FLOAT_BYTES
+        return max(1, int(memory_budget_mb * 2**20 // per_pair))
+
+    @torch.no_grad()
+    def sample_latents(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z1 ~ p(z1) = E_p(z2)[p(z1|z2)], ancestrally: (count, latent_dim) float."""
+        device = next(self.parameters()).device
+        z2 = torch.randn(count, self.top_latent_dim, generator=generator, device=device)
+        mean, log_var = self.decode_top(z2)
+        eps = torch.randn(mean.shape, generator=generator, device=device)
+        return mean + torch.exp(0.5 * log_var) * eps
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoder means sigmoid(logits(z1)) for z1 ~ p(z1|z2), z2 ~ p(z2): (count, D) float in (0, 1)."""
+        return self.decoder_mean(self.sample_latents(count, generator))
+
+    @torch.no_grad()
+    def layer_means(self, x: torch.Tensor, samples: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's posterior mean, for the active units (Burda et al. 2016, Sec. 5.2):
+        E_q[z1|x] = mu(x) and E_q[z2|x] = E_q(z1|x)[mu2(z1)], the latter averaged over ``samples``
+        draws of z1 (seeded by ``seed``). x (N, D) -> ((N, latent_dim), (N, top_latent_dim)).
+        (The authors' code, ``get_units_variances``, takes mu2 at a single draw of z1, which adds
+        E_x Var_z1[mu2(z1)] to each unit's variance.)"""
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        mu, log_var = self.encode(x)
+        total = torch.zeros(len(x), self.top_latent_dim, device=x.device, dtype=mu.dtype)
+        for _ in range(samples):
+            eps = torch.randn(mu.shape, generator=generator, device=x.device, dtype=mu.dtype)
+            total += self.encode_top(mu + torch.exp(0.5 * log_var) * eps)[0]
+        return mu, total / samples
+
+
+def model_from_config(config: dict[str, Any]) -> VAE:
+    """The model a checkpoint's ``model_config`` declares: :class:`TwoLayerVAE` when it says
+    ``stochastic_layers: 2``, else :class:`VAE` (checkpoints written before two layers existed
+    hold no ``stochastic_layers``).
+
+    Raises:
+        TypeError, ValueError: unknown or bad arguments.
+    """
+    config = dict(config)
+    layers = config.pop("stochastic_layers", 1)
+    if type(layers) is not int or layers not in (1, 2):
+        raise ValueError(f"stochastic_layers = {shown(layers)}: expected 1 or 2")
+    return TwoLayerVAE(**config) if layers == 2 else VAE(**config)
+
+
 def save_checkpoint(model: VAE, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
     """Write ``model`` (weights on CPU, constructor arguments, plain metadata) atomically."""
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
@@ -314,7 +423,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """Load a trained :class:`VAE` from a checkpoint written by the ``train`` stage.
+    """Load a trained :class:`VAE` (or :class:`TwoLayerVAE`) from a checkpoint of the ``train`` stage.
 
     The returned module is in eval mode and offers ``encode(x) -> (mu, log_var)``,
     ``decode(z) -> logits``, ``elbo(x)`` and ``log_likelihood(x, importance_samples)`` for x a
@@ -333,7 +442,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
         # The architecture is built without memory first: a damaged size (hidden_dim 2**20, say)
         # must not allocate gigabytes before the weights are found not to fit it.
         with torch.device("meta"):
-            expected = {key: tuple(value.shape) for key, value in VAE(**config).state_dict().items()}
+            expected = {key: tuple(value.shape) for key, value in model_from_config(config).state_dict().items()}
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise CheckpointError(f"{path}: damaged checkpoint (model_config: {error})") from None
     found = {key: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -344,7 +453,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VAE:
                               + "; ".join(f"{shown(key)} is {found.get(key, 'missing')}, expected "
                                           f"{expected.get(key, 'no such weight')}" for key in wrong[:4]) + ")")
     try:
-        model = VAE(**config)
+        model = model_from_config(config)
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None

@@ -116,6 +116,7 @@ def _training_data(summary: dict, params: Params) -> dict:
     train = params.train
     return {
         "algorithm": summary.get("algorithm", "aevb"), "objective": summary.get("objective", "elbo"),
+        "stochastic_layers": summary.get("stochastic_layers", 1),
         "samples": summary.get("samples", 1), "map_prior": bool(summary.get("map_prior")),
         "optimizer": summary.get("optimizer", train.optimizer),
         "learning_rate": summary.get("learning_rate", train.learning_rate),
@@ -329,7 +330,8 @@ def tightness_context(m: dict, seconds: float | None = None) -> dict | None:
     if not splits and bdmc is None:
         return None
     return {"splits": splits, "bdmc": bdmc, "importance_samples": m["importance_samples"],
-            "latent_dim": m["latent_dim"], "seconds": seconds,
+            "latent_dim": m["latent_dim"] + (m.get("top_latent_dim") or 0), "seconds": seconds,
+            "stochastic_layers": m.get("stochastic_layers", 1),
             **{key: m[f"ais_{key}"] for key in ("temperatures", "chains", "leapfrog_steps", "initial", "schedule")},
             "references": [vars(ref) for ref in datasets.estimator_references(m["dataset"])]}
 
@@ -421,11 +423,13 @@ def build_context(params: Params, metrics: dict, summary: dict, figures_dir: Pat
     }
     model = {"input_dim": summary.get("input_dim", entry.input_dim), "hidden_dim": m["hidden_dim"],
              "hidden_layers": m.get("hidden_layers") or 1, "latent_dim": m["latent_dim"],
-             "likelihood": summary.get("likelihood", "bernoulli")}
+             "likelihood": summary.get("likelihood", "bernoulli"), "stochastic_layers": m.get("stochastic_layers", 1),
+             "top_latent_dim": m.get("top_latent_dim"), "top_hidden_dim": m.get("top_hidden_dim")}
     k = m["importance_samples"]
     results = {key: m[key] for key in ("test_log_likelihood", "test_log_likelihood_stderr", "train_log_likelihood",
                                        "train_log_likelihood_stderr", "train_test_gap", "test_elbo", "train_elbo",
                                        "valid_elbo", "active_units")}
+    results["active_units_per_layer"] = m.get("active_units_per_layer")
     results["bound_curve"] = [(int(key), value) for key, value in m["bound_curve"].items() if int(key) != k]
     figures, figure_members = _figures(figures_dir)
     sweep, sweep_missing = sweep_section(params)

@@ -64,7 +64,7 @@ from vae.loop import (
     run_pass,
     training_length,
 )
-from vae.model import VAE, save_checkpoint
+from vae.model import VAE, TwoLayerVAE, save_checkpoint
 
 # Columns of the per-pass rows (vae.loop.Evaluation) that describe the execution, not the result: logged
 # to MLflow (elapsed_seconds), left out of elbo_curve.csv.
@@ -267,7 +267,9 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
     # Options added later are left out at their defaults, as before they existed, so that states
     # written then still resume.
     for section, key, default in ((train, "algorithm", "aevb"), (train, "schedule_rounding", False),
-                                  (data, "split_order", "permuted"), (model, "output_bias_init", "default")):
+                                  (data, "split_order", "permuted"), (model, "output_bias_init", "default"),
+                                  (model, "stochastic_layers", 1), (model, "top_latent_dim", 50),
+                                  (model, "top_hidden_dim", 100)):
         if section[key] == default:
             del section[key]
     settings = {"profile": None, "data": data, "model": model, "train": train, "device": device.type}
@@ -286,7 +288,8 @@ def pixel_means(split: Split) -> torch.Tensor:
 
 
 def build_model(params: Params, input_dim: int, train: Split | None = None) -> VAE:
-    """The configured model, initialised from ``train.seed`` (N(0, init_std^2) when set), its
+    """The configured model (:class:`VAE`, or :class:`TwoLayerVAE` with ``model.stochastic_layers``
+    2), initialised from ``train.seed`` (N(0, init_std^2) when set), its
     output bias from the training split's mean image when ``model.output_bias_init`` is
     ``data_mean`` (:meth:`vae.model.VAE.initialize_output_bias_`).
 
@@ -294,8 +297,11 @@ def build_model(params: Params, input_dim: int, train: Split | None = None) -> V
         ValueError: ``data_mean`` without the training split ``train``.
     """
     torch.manual_seed(params.train.seed)
-    model = VAE(input_dim=input_dim, hidden_dim=params.model.hidden_dim, latent_dim=params.model.latent_dim,
-                hidden_layers=params.model.hidden_layers, likelihood=params.data.likelihood)
+    config = params.model
+    sizes = {"input_dim": input_dim, "hidden_dim": config.hidden_dim, "latent_dim": config.latent_dim,
+             "hidden_layers": config.hidden_layers, "likelihood": params.data.likelihood}
+    model = VAE(**sizes) if config.stochastic_layers == 1 else \
+        TwoLayerVAE(**sizes, top_latent_dim=config.top_latent_dim, top_hidden_dim=config.top_hidden_dim)
     if params.model.init_std is not None:
         model.initialize_normal_(params.model.init_std, torch.Generator().manual_seed(params.train.seed))
     if params.model.output_bias_init == "data_mean":
@@ -329,7 +335,10 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
     saved = state.load()
     length = f"e{config.epochs}" if config.epochs is not None else f"n{config.training_samples:.0e}".replace("+", "")
     experiment = experiment or f"vae-{data.dataset}"
-    run_name = run_name or f"{params.profile}-{data.dataset}-{data.binarization}-z{params.model.latent_dim}-{length}" \
+    latents = f"z{params.model.latent_dim}"
+    if params.model.stochastic_layers == 2:
+        latents += f"-{params.model.top_latent_dim}"
+    run_name = run_name or f"{params.profile}-{data.dataset}-{data.binarization}-{latents}-{length}" \
         + ("-wake-sleep" if config.algorithm == "wake-sleep" else "")
     tags = {"dataset": data.dataset, "binarization": data.binarization, "profile": params.profile,
             "likelihood": data.likelihood, "algorithm": config.algorithm, "device": describe(device), **(tags or {})}
@@ -355,6 +364,8 @@ def run(params: Params, progress: bool = True, *, experiment: str | None = None,
                    "input_dim": splits["train"].images.shape[1],
                    "likelihood": data.likelihood, "latent_dim": params.model.latent_dim,
                    "hidden_dim": params.model.hidden_dim, "hidden_layers": params.model.hidden_layers,
+                   **({"stochastic_layers": 2, "top_latent_dim": params.model.top_latent_dim,
+                       "top_hidden_dim": params.model.top_hidden_dim} if params.model.stochastic_layers == 2 else {}),
                    "algorithm": config.algorithm, "objective": config.objective, "samples": config.samples,
                    "optimizer": config.optimizer,
                    "learning_rate": record.learning_rate, "step_size_trials": record.step_size_trials,

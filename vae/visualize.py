@@ -21,7 +21,7 @@ Figures of this run alone:
 - ``reconstructions.png``: test images (odd rows) above the decoder means at z = E_q[z|x] (even rows).
 - ``latent_space.png``: E_q[z|x] of test images coloured by digit; the coordinates themselves when
   latent_dim = 2, else a scikit-learn PCA or t-SNE projection.
-- ``manifold.png`` (latent_dim = 2 only): AEVB Fig. 4, a regular grid on the unit square mapped
+- ``manifold.png`` (latent_dim = 2, one stochastic layer, only): AEVB Fig. 4, a regular grid on the unit square mapped
   through the inverse Gaussian CDF to z, with the decoder mean drawn at each point.
 - ``elbo_curves.png``: train, validation and test ELBO of this run against training examples seen
   (log axis), with the per-minibatch estimates behind them.
@@ -492,7 +492,7 @@ def run(params: Params, progress: bool = True) -> dict[str, str]:
     figures["log_likelihood_histogram"] = out / "log_likelihood_histogram.png"
     log_likelihood_histogram(pd.read_csv(paths.per_example), metrics["importance_samples"],
                              figures["log_likelihood_histogram"])
-    if model.latent_dim == 2:
+    if model.latent_dim == 2 and model.stochastic_layers == 1:  # z1's prior is no N(0, I) grid's
         figures["manifold"] = out / "manifold.png"
         manifold(model, config, shape, figures["manifold"])
     else:
