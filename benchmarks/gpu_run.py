@@ -45,10 +45,16 @@ pydantic) and the project's own model, objective and estimator code (:mod:`vae.m
    16 chains, 10 leapfrog steps, initial distribution the prior, on the first n test images of
    that model, n sized to ``--ais-share`` of the budget from two short probes (time per
    temperature = a + b n), all n examples in one chunk.
-4. **The iwae-mnist schedule** (Burda et al. 2016, Sec. 5; ``train.schedule: iwae``): 3^i passes
-   at 1e-3 * 10^(-i/7), i = 0..7, 3280 passes of 2500 steps at batch 20, from a fresh model, with
-   the fastest variant whose check passed, for whatever time the budget leaves after reserving
-   parts 2 and 3 (predicted by probes run before it). Reports the passes and steps reached.
+4. **The iwae-mnist schedule** as the profile runs it (Burda et al. 2016, Sec. 5, as the authors'
+   code ran it: ``train.schedule: iwae``, ``schedule_rounding: true``): 3^i passes at
+   1e-4 * round(10^(1 - i/7), 1), i = 0..7, 3280 passes of 2980 steps (the 59,600 training images
+   of ``split_order: file``) at batch 20, from a fresh model whose output bias is the logit of the
+   training mean image (``output_bias_init: data_mean``), with the fastest variant whose check
+   passed, for whatever time the budget leaves after reserving parts 2 and 3 (predicted by
+   probes run before it). Reports the passes and steps reached, and what the whole schedule
+   would take at that rate: the full schedule is a GPU's work, of hours, beyond one 10-minute
+   call. ``--schedule-profile iwae-mnist-2layer`` runs parts 1 (beside aevb-mnist), 2, 3 and 4
+   on the two-stochastic-layer model instead (784-200-200-100-100-100-50; AIS through autograd).
 
 Order of execution: 1, the probes of 2 and 3, 4, 2, 3. Each part is wrapped so that a failure
 records its error in the table and the rest still run. After each part the table (Markdown,
@@ -98,6 +104,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -110,8 +117,8 @@ sys.path.insert(0, str(ROOT))
 # config import is for annotations only: none imports vae.config (pydantic), tracking (mlflow) or the stages.
 from vae import mcmc, objectives  # noqa: E402
 from vae.data.splits import Split, load_split  # noqa: E402
-from vae.loop import schedule_stage  # noqa: E402
-from vae.model import VAE  # noqa: E402
+from vae.loop import learning_rate_at, schedule_stage  # noqa: E402
+from vae.model import VAE, TwoLayerVAE  # noqa: E402
 
 INPUT_DIM = 784
 DEFAULT_DATA = ROOT / "gpu_data" / "mnist.npz"
@@ -133,7 +140,9 @@ IWAE_BATCH = 20
 # IWAE's schedule (Burda et al. 2016, Sec. 5; vae.loop.schedule_stage / learning_rate_at).
 SCHEDULE_STAGES = 8
 SCHEDULE_PASSES = sum(3**i for i in range(SCHEDULE_STAGES))  # 3280
-FULL_STEPS_PER_PASS = 50000 // IWAE_BATCH  # the 50000-image training split at batch 20
+FULL_STEPS_PER_PASS = 59600 // IWAE_BATCH  # the profiles' split (the authors': 59600 train, 400 validate) at batch 20
+# The profiles' schedule: rates rounded as the authors' code rounds them (vae.loop.learning_rate_at reads these two).
+ROUNDED_SCHEDULE = SimpleNamespace(schedule="iwae", schedule_rounding=True)
 
 
 @dataclass(frozen=True)
@@ -150,19 +159,30 @@ class Spec:
     epsilon: float | None  # None: PyTorch's default eps
     map_prior: bool  # weight decay 1 / (training examples)
     init_std: float | None  # None: PyTorch's default initialisation
+    output_bias_init: bool = False  # the decoder's output bias at the logit of the training mean image
+    stochastic_layers: int = 1
+    top_latent_dim: int = 50  # two stochastic layers only
+    top_hidden_dim: int = 100
 
     @property
     def architecture(self) -> str:
-        return f"{INPUT_DIM}-" + "-".join([str(self.hidden_dim)] * self.hidden_layers) + f"-{self.latent_dim}"
+        text = f"{INPUT_DIM}-" + "-".join([str(self.hidden_dim)] * self.hidden_layers) + f"-{self.latent_dim}"
+        if self.stochastic_layers == 2:
+            text += "-" + "-".join([str(self.top_hidden_dim)] * self.hidden_layers) + f"-{self.top_latent_dim}"
+        return text
 
 
 AEVB = Spec("aevb-mnist", 500, 20, 1, 100, "adagrad", 0.02, None, True, 0.01)
-IWAE = Spec("iwae-mnist", 200, 50, 2, IWAE_BATCH, "adam", 1e-3, 1e-4, False, None)
+IWAE = Spec("iwae-mnist", 200, 50, 2, IWAE_BATCH, "adam", 1e-3, 1e-4, False, None, output_bias_init=True)
+IWAE_2LAYER = Spec("iwae-mnist-2layer", 200, 100, 2, IWAE_BATCH, "adam", 1e-3, 1e-4, False, None,
+                   output_bias_init=True, stochastic_layers=2, top_latent_dim=50, top_hidden_dim=100)
+SCHEDULE_SPECS = {spec.name: spec for spec in (IWAE, IWAE_2LAYER)}  # --schedule-profile
 
 
 def schedule_learning_rate(pass_index: int, base: float = 1e-3) -> float:
-    """base * 10^(-i/7) in stage i (Burda et al. 2016, Sec. 5; the stage from :func:`vae.loop.schedule_stage`)."""
-    return base * 10.0 ** (-schedule_stage(pass_index) / 7.0)
+    """The profiles' rate in stage i (Burda et al. 2016, Sec. 5): base * round(10^(1 - i/7), 1) / 10, the
+    authors' rounding, through :func:`vae.loop.learning_rate_at` (1e-3, 7.2e-4, 5.2e-4, ... for base 1e-3)."""
+    return learning_rate_at(ROUNDED_SCHEDULE, base, pass_index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +264,10 @@ class DeviceData:
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    def pixel_means(self) -> torch.Tensor:
+        """Each pixel's mean over the examples, (D,) float64 in [0, 1] (vae.train.pixel_means)."""
+        return self.values.double().mean(0)
+
 
 class IndexStream:
     """Minibatch indices: a fresh permutation per pass from a CPU generator (the same on every
@@ -273,13 +297,19 @@ class IndexStream:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model(spec: Spec, seed: int) -> VAE:
-    """The profile's model as vae.train.build_model makes it (torch seeded, optional N(0, std^2))."""
+def build_model(spec: Spec, seed: int, pixel_means: torch.Tensor | None = None) -> VAE:
+    """The profile's model as vae.train.build_model makes it (torch seeded, optional N(0, std^2); a
+    :class:`TwoLayerVAE` for two stochastic layers; the output bias from ``pixel_means``, (D,) in
+    [0, 1], when the profile sets it and they are given)."""
     torch.manual_seed(seed)
-    model = VAE(input_dim=INPUT_DIM, hidden_dim=spec.hidden_dim, latent_dim=spec.latent_dim,
-                hidden_layers=spec.hidden_layers)
+    sizes = {"input_dim": INPUT_DIM, "hidden_dim": spec.hidden_dim, "latent_dim": spec.latent_dim,
+             "hidden_layers": spec.hidden_layers}
+    model = VAE(**sizes) if spec.stochastic_layers == 1 else \
+        TwoLayerVAE(**sizes, top_latent_dim=spec.top_latent_dim, top_hidden_dim=spec.top_hidden_dim)
     if spec.init_std is not None:
         model.initialize_normal_(spec.init_std, torch.Generator().manual_seed(seed))
+    if spec.output_bias_init and pixel_means is not None:
+        model.initialize_output_bias_(pixel_means.cpu())
     return model
 
 
@@ -338,7 +368,7 @@ class Trainer:
 
     def __init__(self, spec: Spec, data: DeviceData, device: torch.device, seed: int) -> None:
         self.spec, self.data, self.device, self.seed = spec, data, device, seed
-        self.model = build_model(spec, seed).to(device).train()
+        self.model = build_model(spec, seed, data.pixel_means()).to(device).train()
         self.parameters = list(self.model.parameters())
         self.initial = [p.detach().clone() for p in self.parameters]
         self.optimizer = self.build_optimizer()
@@ -871,7 +901,7 @@ def table(result: dict) -> str:
     """The Markdown table of everything measured so far, with the targets below it."""
     rows = ["| part | what | status | check | rate | seconds | notes |", "|---|---|---|---|---:|---:|---|"]
     for name, records in result.get("training", {}).items():
-        spec = AEVB if name == AEVB.name else IWAE
+        spec = AEVB if name == AEVB.name else SCHEDULE_SPECS.get(name, IWAE)
         for kind in VARIANTS:
             record = records.get(kind, {})
             check = record.get("check")
@@ -898,7 +928,8 @@ def table(result: dict) -> str:
                 f"same images {_f(ais.get('same_images_l_k'), 2)}); acceptance {_f(ais.get('acceptance_rate'), 2)}; "
                 f"predicted {_f(ais.get('predicted_s'), 1)} s; whole test set ~{_f(ais.get('full_test_set_estimate_s'))} s |")
     sc = result.get("schedule", {})
-    rows.append(f"| 4 schedule | iwae-mnist, 3^i passes at 1e-3 10^(-i/7), batch 20 | {_status(sc)} | "
+    rows.append(f"| 4 schedule | {sc.get('profile', IWAE.name)}, 3^i passes at 1e-4 round(10^(1-i/7), 1), batch 20, "
+                f"{FULL_STEPS_PER_PASS} steps per pass | {_status(sc)} | "
                 f"{sc.get('variant', 'n/a')} step | {_f(sc.get('steps_per_s'))} steps/s | {_f(sc.get('seconds'), 1)} | "
                 f"{sc.get('passes', 'n/a')} of {SCHEDULE_PASSES} passes ({_f(sc.get('steps'))} steps), stage "
                 f"{sc.get('stage', 'n/a')}; last pass's train ELBO {_f(sc.get('last_pass_train_elbo'), 2)}; test "
@@ -918,7 +949,7 @@ def targets(result: dict, device: torch.device) -> list[dict]:
     training = result.get("training", {})
     aevb = max((r.get("examples_per_s", 0.0) for r in training.get(AEVB.name, {}).values()
                 if r.get("check", {}).get("passed")), default=None)
-    graph = training.get(IWAE.name, {}).get("graph", {})
+    graph = next((training[name].get("graph", {}) for name in SCHEDULE_SPECS if name in training), {})
     iwae = graph.get("steps_per_s") if graph.get("check", {}).get("passed") else None
     ev = result.get("evaluator", {})
     full_eval = ev.get("seconds") if ev.get("status") == "ok" and ev.get("examples") == ev.get("test_examples") \
@@ -987,6 +1018,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--processed's .pt files, else synthetic images")
     parser.add_argument("--processed", type=Path, default=DEFAULT_PROCESSED,
                         help="processed MNIST folder with train.pt and test.pt (default: %(default)s)")
+    parser.add_argument("--schedule-profile", default=IWAE.name, choices=list(SCHEDULE_SPECS),
+                        help="the profile whose model parts 1 (beside aevb-mnist), 2, 3 and 4 run: iwae-mnist (one "
+                             "stochastic layer) or iwae-mnist-2layer (two; AIS then differentiates by autograd) "
+                             f"(default: {IWAE.name})")
     parser.add_argument("--seed", type=int, default=0, help="initialisation, permutations and noise (default: 0)")
     parser.add_argument("--graph-steps", type=int, default=50,
                         help="training steps captured per CUDA graph (a divisor of a pass's steps; default: "
@@ -1072,7 +1107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_split, test_split, result["data"] = load_data(args.data, args.processed, args.train_limit,
                                                             args.test_limit, args.seed)
-        data = DeviceData(train_split, device, multiple=max(AEVB.batch, IWAE.batch))
+        schedule_spec = SCHEDULE_SPECS[args.schedule_profile]
+        data = DeviceData(train_split, device, multiple=max(AEVB.batch, schedule_spec.batch))
         test_x = test_split.values(torch.Generator().manual_seed(args.seed), device=device)
         log(f"data: {result['data']}")
     except Exception as error:  # noqa: BLE001 - nothing else can run
@@ -1083,26 +1119,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # Part 1 ---------------------------------------------------------------------------------------
     passed_iwae: dict[str, Trainer] = {}
-    for spec in (AEVB, IWAE):
+    for spec in (AEVB, schedule_spec):
         log(f"part 1: training throughput, {spec.name} ({spec.architecture}, {spec.optimizer}, batch {spec.batch})")
         try:
             records, passed = throughput(spec, data, args, device, log, budget)
         except Exception as error:  # noqa: BLE001
             records, passed = {"eager": {"status": "error", "error": _error_text(error)}}, {}
         result["training"][spec.name] = records
-        if spec is IWAE:
+        if spec is schedule_spec:
             passed_iwae = passed
         save()
 
     # Pick the schedule's step: the fastest checked iwae variant (a fresh eager one if none).
-    timed = {k: t for k, t in passed_iwae.items() if "steps_per_s" in result["training"][IWAE.name].get(k, {})}
+    name = schedule_spec.name
+    timed = {k: t for k, t in passed_iwae.items() if "steps_per_s" in result["training"][name].get(k, {})}
     chosen: Trainer | None = None
     if timed:
-        chosen = timed[max(timed, key=lambda k: result["training"][IWAE.name][k]["steps_per_s"])]
+        chosen = timed[max(timed, key=lambda k: result["training"][name][k]["steps_per_s"])]
     model_for_eval: VAE | None = chosen.model if chosen is not None else None
     if model_for_eval is None:
         with contextlib.suppress(Exception):
-            model_for_eval = build_model(IWAE, args.seed).to(device)
+            model_for_eval = build_model(schedule_spec, args.seed, data.pixel_means()).to(device)
 
     # Probes of parts 2 and 3 (before the schedule, to reserve their time) ---------------------------
     k = args.importance_samples
@@ -1139,31 +1176,31 @@ def main(argv: list[str] | None = None) -> int:
     eval_reserve = 1.25 * (eval_predicted if eval_predicted is not None else 0.05 * args.budget_s) + 1.0
     ais_reserve = ais_record["allocation_s"] if ais_cost is not None else 0.0
     schedule_seconds = budget.left() - eval_reserve - ais_reserve - budget.margin
-    log(f"part 4: iwae-mnist schedule, {max(0.0, schedule_seconds):.0f} s (reserving {eval_reserve:.0f} s for "
+    log(f"part 4: {name} schedule, {max(0.0, schedule_seconds):.0f} s (reserving {eval_reserve:.0f} s for "
         f"the evaluator and {ais_reserve:.0f} s for AIS)")
     if chosen is None:
-        result["schedule"] = {"status": "skipped", "reason": "no iwae-mnist variant passed its check"}
+        result["schedule"] = {"status": "skipped", "reason": f"no {name} variant passed its check", "profile": name}
     elif schedule_seconds <= 0:
         result["schedule"] = {"status": "skipped", "reason": f"budget: {budget.left():.0f} s left, "
-                                                             f"{eval_reserve + ais_reserve:.0f} s reserved"}
+                                                             f"{eval_reserve + ais_reserve:.0f} s reserved", "profile": name}
     else:
         try:
-            result["schedule"] = {**run_schedule(chosen, schedule_seconds, log), "status": "ok"}
+            result["schedule"] = {**run_schedule(chosen, schedule_seconds, log), "status": "ok", "profile": name}
         except Exception as error:  # noqa: BLE001
-            result["schedule"] = {"status": "error", "error": _error_text(error), "variant": chosen.kind,
+            result["schedule"] = {"status": "error", "error": _error_text(error), "variant": chosen.kind, "profile": name,
                                   "traceback": traceback.format_exc(limit=6)}
             log(f"  schedule: error {_error_text(error)}")
     save()
     schedule = result["schedule"]
-    model_name = (f"iwae-mnist after {schedule['passes']} schedule passes" if schedule.get("status") == "ok"
-                  else "iwae-mnist as part 1's timing left it (the schedule did not run)")
+    model_name = (f"{name} after {schedule['passes']} schedule passes" if schedule.get("status") == "ok"
+                  else f"{name} as part 1's timing left it (the schedule did not run)")
 
     # Part 2: the evaluator on the whole test set -----------------------------------------------------
     log(f"part 2: evaluator, L_{k} on the test set ({model_name})")
     eval_record["model"] = model_name
     l_k_values = None
     if model_for_eval is None:
-        eval_record.update(status="error", error="no iwae-mnist model could be built")
+        eval_record.update(status="error", error=f"no {name} model could be built")
     else:
         try:
             count = len(test_x)

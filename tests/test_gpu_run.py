@@ -105,3 +105,27 @@ def test_tiny_cpu_run_writes_every_part(tmp_path) -> None:
         assert row in table, table
     assert "| 1 training | iwae-mnist (784-200-200-50, adam, batch 20), graph | skipped: CUDA graphs" in table
     assert seconds < 120, f"the tiny run took {seconds:.0f} s"
+
+
+def test_the_schedule_and_models_are_the_profiles() -> None:
+    """Part 4 runs the profile's protocol: the authors' rounded rates (vae.loop.learning_rate_at),
+    2980 steps per pass (59,600 images at batch 20), the output bias at the logit of the training
+    mean image; ``--schedule-profile iwae-mnist-2layer`` builds the two-stochastic-layer model."""
+    from vae import profile
+
+    gpu_run = _load_script()
+    firsts = [gpu_run.schedule_learning_rate((3**i - 1) // 2) for i in range(8)]
+    assert [round(rate, 10) for rate in firsts] == [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4]
+    assert gpu_run.FULL_STEPS_PER_PASS == 2980 and gpu_run.SCHEDULE_PASSES == 3280
+    means = torch.linspace(0.0, 1.0, 784, dtype=torch.float64)
+    for name, spec in gpu_run.SCHEDULE_SPECS.items():
+        params = profile.load_profile(name).params()
+        model = gpu_run.build_model(spec, 0, means)
+        assert model.config() == {**model.config(), "hidden_dim": params.model.hidden_dim,
+                                  "latent_dim": params.model.latent_dim, "hidden_layers": params.model.hidden_layers}
+        assert model.stochastic_layers == params.model.stochastic_layers
+        assert (spec.batch, spec.epsilon, spec.output_bias_init) == (params.train.batch_size, params.train.epsilon, True)
+        clipped = means.clamp(0.001, 0.999)
+        torch.testing.assert_close(model.decoder[-1].bias.double(), torch.log(clipped / (1 - clipped)),
+                                   rtol=0, atol=1e-5)
+    assert gpu_run.IWAE_2LAYER.architecture == "784-200-200-100-100-100-50"

@@ -25,8 +25,19 @@ def images() -> np.ndarray:
     return binary_images(5, input_dim=64, seed=1).numpy()
 
 
+@pytest.fixture(scope="module")
+def two_layer():
+    from vae.model import TwoLayerVAE
+
+    torch.manual_seed(3)
+    return TwoLayerVAE(input_dim=64, hidden_dim=16, latent_dim=4, hidden_layers=1, top_latent_dim=2,
+                       top_hidden_dim=8).eval()
+
+
 @torch.no_grad()  # as the server computes (with gradients, float rounding can differ in the last bit)
-def test_each_output_equals_the_models_own_computation(bernoulli, images) -> None:
+@pytest.mark.parametrize("model", ["bernoulli", "two_layer"])
+def test_each_output_equals_the_models_own_computation(model, images, request) -> None:
+    bernoulli = request.getfixturevalue(model)  # the one-stochastic-layer model, or the two-layer one
     x = torch.from_numpy(images)
     expected = {
         "log_likelihood": bernoulli.log_likelihood(x, 300, seed=4),

@@ -33,6 +33,10 @@ model cannot take, NaN or infinity, or an unknown parameter is refused with a me
                                                            rows' values are not used)
 ============================  ==========================  ===========================================
 
+A model with two stochastic layers (:class:`vae.model.TwoLayerVAE`) answers the same: L_k and the
+ELBO over both layers, ``latent_*`` and ``reconstruction`` of the first layer z1 (q(z1|x)), and
+``prior_sample`` drawn ancestrally, z2 ~ N(0, I) then z1 ~ p(z1|z2).
+
 The draws depend on ``seed`` (default 0) only: the same request gives the same numbers, and
 ``log_likelihood`` equals ``vae.load_model(...).log_likelihood(x, k, seed=seed)``.
 """
