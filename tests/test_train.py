@@ -312,6 +312,12 @@ def test_fingerprint_follows_what_changes_the_result(tmp_path):
     assert fingerprint(base.replace(train=base.train.replace(seed=1)), data, CPU) != same
     assert fingerprint(base.replace(model=base.model.replace(latent_dim=4)), data, CPU) != same
     assert fingerprint(base.replace(data=base.data.replace(train_subset=10)), data, CPU) != same
+    # The top layer's sizes build nothing in a one-stochastic-layer model; with two, they do.
+    top = base.model.replace(top_latent_dim=7, top_hidden_dim=9)
+    assert fingerprint(base.replace(model=top), data, CPU) == same
+    two = base.replace(model=base.model.replace(stochastic_layers=2))
+    assert len({same, fingerprint(two, data, CPU), fingerprint(two.replace(model=top.replace(stochastic_layers=2)),
+                                                               data, CPU)}) == 3
     data.write_bytes(b"other data")
     assert fingerprint(base, data, CPU) != same
 

@@ -5,7 +5,8 @@ Writes (paths under ``paths.reports``):
 
 - ``metrics.json`` (DVC metrics): the training summary merged with L_k (``test_log_likelihood``,
   k = ``importance_samples``; Burda et al. 2016, Eq. 8) and its standard error over examples, the
-  test ELBO (estimator B, averaged over the same k samples), L_k on ``train_examples`` training
+  test ELBO (estimator B, averaged over the same k samples; estimator A with two stochastic
+  layers, :func:`vae.objectives.elbo`), L_k on ``train_examples`` training
   images (binarized once with a fixed seed) so that overfitting shows as a number, L_k' at each
   k' of the curve, and the number of active units (Burda et al. 2016, Sec. 5.2; with two
   stochastic layers, also per layer: ``active_units_per_layer``).

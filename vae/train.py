@@ -267,11 +267,12 @@ def fingerprint(params: Params, train_file: Path, device: torch.device) -> str:
     # Options added later are left out at their defaults, as before they existed, so that states
     # written then still resume.
     for section, key, default in ((train, "algorithm", "aevb"), (train, "schedule_rounding", False),
-                                  (data, "split_order", "permuted"), (model, "output_bias_init", "default"),
-                                  (model, "stochastic_layers", 1), (model, "top_latent_dim", 50),
-                                  (model, "top_hidden_dim", 100)):
+                                  (data, "split_order", "permuted"), (model, "output_bias_init", "default")):
         if section[key] == default:
             del section[key]
+    if model["stochastic_layers"] == 1:  # the top layer's sizes build nothing then
+        for key in ("stochastic_layers", "top_latent_dim", "top_hidden_dim"):
+            del model[key]
     settings = {"profile": None, "data": data, "model": model, "train": train, "device": device.type}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     with open(train_file, "rb") as handle:
