@@ -87,6 +87,12 @@ def _distinct(values: list) -> list:
     return values
 
 
+def _one_or_two(value: int) -> int:
+    if value not in (1, 2):
+        raise custom("expected 1 or 2")
+    return value
+
+
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
@@ -293,9 +299,10 @@ class ModelConfig(Section):
 
     section: ClassVar[str] = "model"
 
-    stochastic_layers: Int = Field(
-        1, ge=1, le=2, description="1: x <-> z; 2: x <-> z1 <-> z2 (IWAE Sec. 5's two-stochastic-layer model: q(z1|x) q(z2|z1), "
-                       "p(z2) p(z1|z2) p(x|z1), Gaussian latent layers; latent_dim is z1's size).")
+    stochastic_layers: Annotated[int, Strict(), AfterValidator(_one_or_two)] = Field(
+        1, description="1: x <-> z; 2: x <-> z1 <-> z2 (IWAE Sec. 5's two-stochastic-layer model: q(z1|x) q(z2|z1), "
+                       "p(z2) p(z1|z2) p(x|z1), Gaussian latent layers; latent_dim is z1's size).",
+        json_schema_extra={"enum": [1, 2]})
     latent_dim: PositiveInt = Field(20, description="N_z: size of the latent variable z (z1 with two stochastic layers).")
     hidden_dim: PositiveInt = Field(500, description="Units of each tanh hidden layer (between x and z, or z1).")
     hidden_layers: PositiveInt = Field(
