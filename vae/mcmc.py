@@ -764,7 +764,7 @@ def appendix_d_log_likelihood(model: DecoderModel, x: torch.Tensor, samples: int
     return AppendixDEstimate(estimate.to(x.dtype).to(x.device), draws.acceptance_rate)
 
 
-__all__ = ["Whitened", "standard_prior", "AISEstimate", "AppendixDEstimate", "BDMCBounds", "ChainNoise", "GradientError", "HMCSamples",
-           "INITIALS", "Path", "Point", "SCHEDULES", "ais", "appendix_d_log_likelihood", "bdmc",
-           "check_gradient", "fitted_log_density", "hmc_sample", "hmc_transition", "jittered", "linear_schedule", "log_mean_exp",
-           "log_prob_and_grad", "pairs_for_budget", "sigmoid_schedule", "simulate"]
+__all__ = ["AISEstimate", "AppendixDEstimate", "BDMCBounds", "ChainNoise", "GradientError", "HMCSamples", "INITIALS",
+           "Path", "Point", "SCHEDULES", "Whitened", "ais", "appendix_d_log_likelihood", "bdmc", "check_gradient",
+           "fitted_log_density", "hmc_sample", "hmc_transition", "jittered", "linear_schedule", "log_mean_exp",
+           "log_prob_and_grad", "pairs_for_budget", "sigmoid_schedule", "simulate", "standard_prior"]
