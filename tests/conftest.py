@@ -43,10 +43,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # follow, in their usual order): the longest first, so no worker is left with a long file at the
 # end; test_pipeline.py after four others, so that whichever worker takes it finds the pipeline run
 # that test_interruptions.py's worker builds (`interrupted_pipeline`) finished instead of waiting
-# for it. Measured with `pytest --durations=0`; a file's tests keep their order.
+# for it. Then the files of ten seconds or more, longest first (2026-12-07: test_mcmc.py 46 s,
+# test_fuzz.py 21 s, ... test_report.py 12 s), so that the last files either worker takes are the
+# short ones. Measured with `pytest --durations=0`; a file's tests keep their order.
 SLOW_FILES = ("test_interruptions.py", "test_flows_e2e.py", "test_sweep_e2e.py", "test_profiles_e2e.py",
               "test_pipeline.py", "test_determinism.py", "test_tracking_faults.py", "test_train.py", "test_flows.py",
-              "test_concurrency.py")
+              "test_concurrency.py", "test_mcmc.py", "test_fuzz.py", "test_registry.py", "test_params_tracking.py",
+              "test_two_layer.py", "test_visualize.py", "test_report.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
