@@ -1,8 +1,9 @@
 """Prefect for real, as the README runs it: `prefect server start` on 127.0.0.1 (temporary
 PREFECT_HOME), the work pool, `prefect --no-prompt deploy --all` from prefect.yaml, a process
-worker, `prefect deployment run ... --watch` on small data, and a short interval schedule that
-creates and completes a retraining run by itself. Every process started here is stopped by PID
-(with its children) at the end, also when a test fails."""
+worker, a short interval schedule that creates and completes a retraining run by itself on small
+data (the module's one run of the pipeline's stages), then `prefect deployment run ... --watch` with
+the same parameters, which DVC's run cache completes without running a stage. Every process
+started here is stopped by PID (with its children) at the end, also when a test fails."""
 
 from __future__ import annotations
 
@@ -64,12 +65,14 @@ class Stack:
         assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{output[-4000:]}"
         return output
 
-    def request(self, endpoint: str, body: dict | None = None) -> dict | list:
+    def request(self, endpoint: str, body: dict | None = None, method: str | None = None) -> dict | list | None:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.api}{endpoint}", data=data, method="GET" if body is None else "POST",
+        request = urllib.request.Request(f"{self.api}{endpoint}", data=data,
+                                         method=method or ("GET" if body is None else "POST"),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            answer = response.read()
+        return json.loads(answer) if answer else None
 
     def flow_runs(self, flow: str, deployment: str) -> list[dict]:
         found = self.request(f"/deployments/name/{flow}/{deployment}")
@@ -133,14 +136,89 @@ def test_deploy_registers_the_deployments_in_the_repository(stack: Stack) -> Non
     assert Path(directory) == stack.pipe.root  # where `prefect deploy` ran
 
 
+def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
+    """The schedule is a setting: replaced on the server by the CLI, no code involved. A 5-second
+    interval, so that the first run is due at once; as soon as the worker has taken it the work
+    pool is paused (`prefect work-pool pause`), so that no second retraining starts behind the
+    first, and the schedule deleted. (Deleting the schedule alone is not enough: it deletes the
+    runs it had scheduled, but a scheduler loop under way can still add some behind it, which the
+    worker would run once the first is done; that happened in one suite run of 2026-12-07.)
+
+    The retraining runs every stage for real (the pipeline's only run in this module: the manual
+    run after it finds its stages in DVC's run cache). It is the first model of the store, so it
+    becomes champion; tests/test_registry.py compares challengers with a champion."""
+    seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
+    stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "5",
+                  "--replace", "--accept-yes")
+    started = time.monotonic()
+    taken: list[dict] = []
+    while not taken:  # the scheduler's loop is 5 s here and the worker asks every 2 s
+        runs = stack.flow_runs("scheduled-retraining", "weekly")
+        taken = [run for run in runs if run["state_type"] != "SCHEDULED"]
+        assert time.monotonic() - started < 120, f"no scheduled run started:\n{stack.log('worker')}"
+        time.sleep(0.5)
+    assert len(taken) == 1, taken  # the worker runs one flow at a time (--limit 1)
+    schedule = stack.request("/deployments/name/scheduled-retraining/weekly")["schedules"][0]
+    assert schedule["schedule"]["interval"] == 5
+    stack.prefect("work-pool", "pause", POOL)
+    stack.prefect("deployment", "schedule", "delete", "scheduled-retraining/weekly", schedule["id"], "--accept-yes")
+    run = taken[0]
+    while run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        assert time.monotonic() - started < 480, f"the scheduled run did not finish:\n{stack.log('worker')}"
+        time.sleep(2)
+        run = stack.request(f"/flow_runs/{run['id']}")
+    assert run["state_type"] == "COMPLETED", stack.log("worker")
+    print(f"first scheduled retraining completed {time.monotonic() - started:.1f} s after the schedule was set",
+          file=sys.stderr)
+    assert run["auto_scheduled"] is True  # created by the scheduler, not by anyone calling it
+    # This one was the only retraining: any other run of the deployment never left SCHEDULED.
+    others = [other for other in stack.flow_runs("scheduled-retraining", "weekly") if other["id"] != run["id"]]
+    assert [other["state_type"] for other in others if other["state_type"] != "SCHEDULED"] == []
+    for other in others:  # so that none starts once the pool is resumed for the next test
+        stack.request(f"/flow_runs/{other['id']}", method="DELETE")
+    stack.prefect("work-pool", "resume", POOL)
+    every = {task["name"] for task in stack.task_runs(run["id"])}
+    assert {"download", "binarize", "train", "evaluate", "visualize", "report"} <= every, every
+
+    import mlflow
+
+    from vae import tracking
+
+    store = f"sqlite:///{stack.pipe.store}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    # The retraining took the seed after params.yaml's; the first version, champion from its registration.
+    [version] = client.search_model_versions("name='vae-mnist'")
+    assert version.tags["train_seed"] == str(seed + 1) and str(version.version) == "1", version.tags
+    assert version.tags["champion_decision"] == "promoted", version.tags
+    assert str(client.get_model_version_by_alias("vae-mnist", "champion").version) == "1"
+    # Recorded as a DVC experiment of its own, whose commit tags the MLflow runs it made; the work
+    # tree untouched.
+    shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
+    experiments = {rev.get("name"): rev for baseline in shown for experiment in baseline.get("experiments") or []
+                   for rev in experiment.get("revs", [])}
+    assert run["name"] in experiments, list(experiments)
+    trained = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id],
+                                 filter_string=f"tags.`{tracking.EXPERIMENT_TAG}` = '{run['name']}'")
+    assert trained and {r.data.tags["dvc.experiment_commit"] for r in trained} == {experiments[run["name"]]["rev"]}
+    assert version.run_id in {r.info.run_id for r in trained}
+    stack.retrained = {"seed": seed + 1, "experiment": experiments[run["name"]],
+                       "training_runs": len(client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id]))}
+
+
 def test_deployment_run_completes_every_stage(stack: Stack) -> None:
+    """`prefect deployment run vae-pipeline/manual --watch` with the retraining's seed: the same
+    parameters as the previous test's run, so DVC restores every stage's outputs from its run
+    cache (shared by the flows' workspaces) instead of running it, and the run is recorded as a
+    DVC experiment of its own that `dvc exp apply` brings into the work tree."""
+    retrained = getattr(stack, "retrained", None)
+    assert retrained, "runs after test_an_interval_schedule_runs_retraining_by_itself, whose pipeline it reuses"
     params_before = (stack.pipe.root / "params.yaml").read_bytes()
     lock_before = (stack.pipe.root / "dvc.lock").read_bytes()
     started = time.monotonic()
-    output = stack.prefect("deployment", "run", "vae-pipeline/manual", "-p", "epochs=1", "--watch",
+    output = stack.prefect("deployment", "run", "vae-pipeline/manual", "-p", f"seed={retrained['seed']}", "--watch",
                            "--watch-timeout", "600", timeout=660)
     seconds = time.monotonic() - started
-    print(f"deployment run on small data: {seconds:.1f} s", file=sys.stderr)
+    print(f"deployment run from DVC's run cache: {seconds:.1f} s", file=sys.stderr)
     runs = stack.flow_runs("vae-pipeline", "manual")
     assert [run["state_type"] for run in runs] == ["COMPLETED"], output[-3000:] + stack.log("worker")
     every = {task["name"]: task for task in stack.task_runs(runs[0]["id"])}
@@ -161,84 +239,31 @@ def test_deployment_run_completes_every_stage(stack: Stack) -> None:
                    for rev in experiment.get("revs", [])}
     assert name in experiments, list(experiments)
     recorded = experiments[name]["data"]
-    assert recorded["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert recorded["params"]["params.yaml"]["data"]["train"]["seed"] == retrained["seed"]
+    # The retraining's results, restored: the same metrics, and no stage command ran (no new MLflow run).
+    assert recorded["metrics"] == retrained["experiment"]["data"]["metrics"]
     assert recorded["metrics"]["reports/metrics.json"]["data"]["test_log_likelihood"] < 0
+
+    import mlflow
+
+    store = f"sqlite:///{stack.pipe.store}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    experiment_id = client.get_experiment_by_name("vae-mnist").experiment_id
+    assert len(client.search_runs([experiment_id])) == retrained["training_runs"]
+    assert len(client.search_model_versions("name='vae-mnist'")) == 1
 
     # `dvc exp apply` brings its outputs into the work tree, where DVC then finds every stage up to date.
     stack.pipe.dvc("exp", "apply", name)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train.epochs"] == 1
+    assert set(lock) == set(tasks) and lock["train"]["params"]["params.yaml"]["train.seed"] == retrained["seed"]
     metrics = stack.pipe.json("reports/metrics.json")
-    assert metrics["epochs"] == 1 and metrics["test_log_likelihood"] < 0
+    assert metrics["test_log_likelihood"] < 0
     assert stack.pipe.status() == {}
     assert (root / "models/model.pt").is_file() and (root / "reports/report.html").is_file()
-
-    import mlflow
-
+    # The run the restored model.pt leads to (by its hash) is the retraining's.
     from vae import tracking
 
-    store = f"sqlite:///{stack.pipe.store}"
-    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    trained = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id],
-                                 filter_string=f"tags.`{tracking.EXPERIMENT_TAG}` = '{name}'")
-    assert trained and {run.data.tags["dvc.experiment_commit"] for run in trained} == {experiments[name]["rev"]}
-    versions = client.search_model_versions(f"name='vae-mnist' and run_id='{trained[0].info.run_id}'")
-    assert len(versions) == 1
-
-
-def test_an_interval_schedule_runs_retraining_by_itself(stack: Stack) -> None:
-    """The schedule is a setting: replaced on the server by the CLI, no code involved. A 5-second
-    interval, so that the first run is due at once; as soon as the worker has taken it the work
-    pool is paused (`prefect work-pool pause`), so that no second retraining starts behind the
-    first, and the schedule deleted. (Deleting the schedule alone is not enough: it deletes the
-    runs it had scheduled, but a scheduler loop under way can still add some behind it, which the
-    worker would run once the first is done; that happened in one suite run of 2026-12-07.)"""
-    seed = int(yaml.safe_load((stack.pipe.root / "params.yaml").read_text())["train"]["seed"])
-    stack.prefect("deployment", "schedule", "create", "scheduled-retraining/weekly", "--interval", "5",
-                  "--replace", "--accept-yes")
-    started = time.monotonic()
-    taken: list[dict] = []
-    while not taken:  # the scheduler's loop is 5 s here and the worker asks every 2 s
-        runs = stack.flow_runs("scheduled-retraining", "weekly")
-        taken = [run for run in runs if run["state_type"] != "SCHEDULED"]
-        assert time.monotonic() - started < 120, f"no scheduled run started:\n{stack.log('worker')}"
-        time.sleep(0.5)
-    assert len(taken) == 1, taken  # the worker runs one flow at a time (--limit 1)
-    schedule = stack.request("/deployments/name/scheduled-retraining/weekly")["schedules"][0]
-    assert schedule["schedule"]["interval"] == 5
-    stack.prefect("work-pool", "pause", POOL)  # the last test of the module: the pool stays paused
-    stack.prefect("deployment", "schedule", "delete", "scheduled-retraining/weekly", schedule["id"], "--accept-yes")
-    run = taken[0]
-    while run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-        assert time.monotonic() - started < 480, f"the scheduled run did not finish:\n{stack.log('worker')}"
-        time.sleep(2)
-        run = stack.request(f"/flow_runs/{run['id']}")
-    assert run["state_type"] == "COMPLETED", stack.log("worker")
-    print(f"first scheduled retraining completed {time.monotonic() - started:.1f} s after the schedule was set",
-          file=sys.stderr)
-    assert run["auto_scheduled"] is True  # created by the scheduler, not by anyone calling it
-    # This one was the only retraining: any other run of the deployment never left SCHEDULED.
-    others = [other for other in stack.flow_runs("scheduled-retraining", "weekly") if other["id"] != run["id"]]
-    assert [other["state_type"] for other in others if other["state_type"] != "SCHEDULED"] == []
-
-    import mlflow
-
-    store = f"sqlite:///{stack.pipe.store}"
-    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    # The manual run registered seed `seed`, the first version, champion from its registration; the
-    # retraining took the next seed and was compared with it on the same test images.
-    versions = client.search_model_versions("name='vae-mnist'")
-    [first] = [v for v in versions if v.tags.get("train_seed") == str(seed)]
-    assert str(first.version) == "1" and first.tags["champion_decision"] == "promoted", first.tags
-    retrained = [v for v in versions if v.tags.get("train_seed") == str(seed + 1)]
-    assert len(retrained) == 1, (seed, [v.tags for v in versions])
-    assert retrained[0].tags["compared_with_version"] in ("1", str(retrained[0].version))  # kept, or promoted
-    assert int(retrained[0].tags["paired_examples"]) == TINY["data"]["eval_subset"]
-    champion = str(client.get_model_version_by_alias("vae-mnist", "champion").version)
-    assert champion == ("1" if retrained[0].tags["champion_decision"] == "kept" else str(retrained[0].version))
-    # Recorded as a DVC experiment of its own; the work tree (the manual run's, applied) untouched.
-    shown = json.loads(stack.pipe.dvc("exp", "show", "--json", "--no-pager"))
-    names = {rev.get("name") for baseline in shown for experiment in baseline.get("experiments") or []
-             for rev in experiment.get("revs", [])}
-    assert run["name"] in names, names
-    assert stack.pipe.status() == {}
+    [version] = client.search_model_versions("name='vae-mnist'")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        assert tracking.training_run_id(root / "models/model.pt") == version.run_id
