@@ -51,13 +51,14 @@ CHEAP = {"chains": 5, "burn_in": 30, "thin": 2}
 
 def load_data(path: Path) -> tuple[Split, str]:
     """The processed MNIST training split, or binary images drawn from a fixed random mean image."""
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     if path.is_file():
-        return load_split(path), f"real MNIST ({path})"
+        return load_split(path), f"real MNIST ({name})"
     g = torch.Generator().manual_seed(0)
     means = torch.rand(784, generator=g) ** 3
     images = (torch.rand(20000, 784, generator=g) < means).to(torch.uint8)
     return (Split(images=images, labels=torch.full((20000,), -1), binary=True, binarization="static"),
-            f"synthetic binary images ({path} not found)")
+            f"synthetic binary images ({name} not found)")
 
 
 def fresh_model(seed: int = 0) -> VAE:
