@@ -409,7 +409,7 @@ class EvaluateConfig(Section):
     section: ClassVar[str] = "evaluate"
 
     importance_samples: PositiveInt = Field(
-        500, description="k of L_k (the literature reports k = 5000: about 10 min for 10000 images on 2 CPU cores; "
+        500, description="k of L_k (the literature reports k = 5000: about 8 min for 10000 images on 2 CPU cores; "
                          "500, the quick default, about 1 min).")
     bound_curve: list[PositiveInt] = Field(
         [1, 5, 50, 500, 5000], description="L_k is also reported at these k (values above importance_samples are "

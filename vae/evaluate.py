@@ -43,7 +43,7 @@ from vae.config import EvaluateConfig, Params
 from vae.data.splits import load_split
 from vae.devices import describe, resolve_device
 from vae.io import file_sha256, read_json, write_csv, write_json
-from vae.model import VAE, TwoLayerVAE, load_model
+from vae.model import VAE, load_model
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class SplitEvaluation:
     @staticmethod
     def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
         """Mean over examples and its standard error (sample std / sqrt(N); NaN for N = 1)."""
-        values = values.double()
-        stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        return float(values.mean()), stderr
+        return mcmc.mean_and_stderr(values)
 
 
 def evaluate_split(model: VAE, x: torch.Tensor, importance_samples: int, curve: list[int],
@@ -165,7 +163,7 @@ def posterior_means(model: VAE, x: torch.Tensor, seed: int = 0) -> list[torch.Te
     blocks = []
     with torch.no_grad():
         for i in range(0, len(x), 10000):
-            if isinstance(model, TwoLayerVAE):
+            if model.stochastic_layers == 2:
                 blocks.append(model.layer_means(x[i : i + 10000], ACTIVE_UNIT_SAMPLES, seed + i))
             else:
                 blocks.append((model.encode(x[i : i + 10000])[0],))

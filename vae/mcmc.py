@@ -397,6 +397,14 @@ def _initial_distribution(model: DecoderModel, x: torch.Tensor, initial: str) ->
         return model.encode(x)
 
 
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``values`` (N,) and its standard error, the sample standard deviation (N - 1 in
+    the denominator) over sqrt(N), both in float64; the standard error is NaN for N = 1."""
+    values = values.double()
+    stderr = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), stderr
+
+
 def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """log (1/n) sum exp(values) along ``dim``, stable (the max is subtracted)."""
     return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])
@@ -506,9 +514,7 @@ class AISEstimate:
 
     def mean_and_stderr(self) -> tuple[float, float]:
         """Mean over examples and its standard error (std / sqrt(N); NaN for N = 1), nats."""
-        values = self.log_likelihood.double()
-        stderr = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        return float(values.mean()), stderr
+        return mean_and_stderr(self.log_likelihood)
 
 
 @torch.no_grad()
@@ -675,9 +681,7 @@ class AppendixDEstimate:
 
     def mean_and_stderr(self) -> tuple[float, float]:
         """Mean over examples and its standard error (NaN for one example), nats."""
-        values = self.log_likelihood.double()
-        stderr = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        return float(values.mean()), stderr
+        return mean_and_stderr(self.log_likelihood)
 
 
 REG_COVAR = 1e-6  # added to the fitted covariance's diagonal (scikit-learn GaussianMixture's default)
@@ -767,4 +771,4 @@ def appendix_d_log_likelihood(model: DecoderModel, x: torch.Tensor, samples: int
 __all__ = ["AISEstimate", "AppendixDEstimate", "BDMCBounds", "ChainNoise", "GradientError", "HMCSamples", "INITIALS",
            "Path", "Point", "SCHEDULES", "Whitened", "ais", "appendix_d_log_likelihood", "bdmc", "check_gradient",
            "fitted_log_density", "hmc_sample", "hmc_transition", "jittered", "linear_schedule", "log_mean_exp",
-           "log_prob_and_grad", "pairs_for_budget", "sigmoid_schedule", "simulate", "standard_prior"]
+           "log_prob_and_grad", "mean_and_stderr", "pairs_for_budget", "sigmoid_schedule", "simulate", "standard_prior"]

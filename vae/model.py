@@ -270,9 +270,12 @@ class VAE(nn.Module):
         Per pair the evaluation holds the noise and z, the decoder's hidden layer and the logits
         (overwritten in place by the log-likelihood): about (2 latent + hidden + D) floats.
         """
+        return max(1, int(memory_budget_mb * 2**20 // (self._floats_per_pair() * FLOAT_BYTES)))
+
+    def _floats_per_pair(self) -> int:
+        """The floats one (example, sample) pair holds during evaluation (:meth:`pairs_for_budget`)."""
         outputs = self.input_dim * (3 if self.likelihood == "gaussian" else 1)
-        per_pair = (2 * self.latent_dim + self.hidden_dim * self.hidden_layers + outputs) * FLOAT_BYTES
-        return max(1, int(memory_budget_mb * 2**20 // per_pair))
+        return 2 * self.latent_dim + self.hidden_dim * self.hidden_layers + outputs
 
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -335,13 +338,11 @@ class TwoLayerVAE(VAE):
         hidden = self.top_decoder(z2)
         return self.top_decoder_mean(hidden), self.top_decoder_log_var(hidden)
 
-    def pairs_for_budget(self, memory_budget_mb: float) -> int:
-        """:meth:`VAE.pairs_for_budget` with the top layer's activations (its hidden layers on both
-        sides, z2's noise and value, p(z1|z2)'s mean and log-variance) added per pair."""
-        outputs = self.input_dim * (3 if self.likelihood == "gaussian" else 1)
-        per_pair = (4 * self.latent_dim + 2 * self.top_latent_dim + self.hidden_dim * self.hidden_layers
-                    + 2 * self.top_hidden_dim * self.hidden_layers + outputs) * FLOAT_BYTES
-        return max(1, int(memory_budget_mb * 2**20 // per_pair))
+    def _floats_per_pair(self) -> int:
+        """:meth:`VAE._floats_per_pair` with the top layer's activations added: its hidden layers on
+        both sides, z2's noise and value, p(z1|z2)'s mean and log-variance."""
+        return (super()._floats_per_pair() + 2 * self.latent_dim + 2 * self.top_latent_dim
+                + 2 * self.top_hidden_dim * self.hidden_layers)
 
     @torch.no_grad()
     def sample_latents(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
