@@ -9,7 +9,7 @@ method timed in turns on the same data, so that a burst of load from another pro
 - ``mcem``: :func:`vae.mcem.mcem_round` per minibatch (App. E: 10 leapfrog steps, 5 weight updates);
 - ``appendix D``: :func:`vae.mcmc.appendix_d_log_likelihood` per example, at its defaults (50
   samples: 10 chains, every 5th of 50 steps after 100 of burn-in, 4 leapfrog steps) and at a
-  cheaper setting (``--cheap``: 5 chains, burn-in 30, every 2nd step), the evaluation App. E runs
+  cheaper setting (``CHEAP``: 5 chains, burn-in 30, every 2nd step), the evaluation App. E runs
   at each point of the curve on 1000 training and 1000 test images.
 
 Rates are training examples per second (a minibatch round counts its 100 examples once, for MCEM
@@ -110,7 +110,7 @@ def main() -> None:
         train = training_method(algorithm, data)
         train(BATCH)  # warm-up
         methods[algorithm] = ((lambda train=train: train(args.examples)), args.examples, "train")
-    for name, options in (("appendix D (defaults)", {}), ("appendix D (--cheap)", CHEAP)):
+    for name, options in (("appendix D (defaults)", {}), ("appendix D (cheaper)", CHEAP)):
         def evaluate(options=options) -> None:
             mcmc.appendix_d_log_likelihood(trained, images, 50, **options)
         methods[name] = (evaluate, args.images, "evaluate")

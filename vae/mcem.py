@@ -13,8 +13,8 @@ what it leaves open is decided here as follows, and the report says so:
   (:func:`vae.mcmc.hmc_transition`, Metropolis-corrected) targeting p(z|x) under the current
   decoder, and the M-step uses the chains' new states. The chains start from the prior N(0, I).
 - **One step size for all chains**, adapted after every round toward ``target_acceptance`` by the
-  rule of :mod:`vae.mcmc` (Wu et al.'s: an exponential moving average of the acceptance rate,
-  slowness 0.9, the step size multiplied by 1 +- ``adaptation`` above or below the target, clipped
+  rule of :mod:`vae.mcmc` (:class:`vae.mcmc.StepSizes`, Wu et al.'s: an exponential moving average of the acceptance rate,
+  slowness 0.9, the step size multiplied by 1 +- 0.02 above or below the target, clipped
   to [1e-4, 0.5]). A chain is visited once per pass over the data, too rarely to tune a step size
   of its own; the acceptance rate of a minibatch of 100 chains is a good estimate of the shared
   step size's. Each trajectory's step size is drawn within +-``jitter`` of it
@@ -55,19 +55,33 @@ class PersistentChains:
     """The E-step's state: one chain per training example and the step size they share.
 
     ``z`` (N, latent_dim): each example's current posterior sample, in the dtype and on the device
-    of the model; ``step_size`` and ``acceptance`` (0-d float64 tensors): the shared step size and
-    the moving average of the acceptance rate it is adapted by.
+    of the model; ``steps``: the shared step size, a 0-d :class:`vae.mcmc.StepSizes` (float64, CPU)
+    holding its target acceptance rate and the moving average it is adapted by.
     """
 
     z: torch.Tensor
-    step_size: torch.Tensor
-    acceptance: torch.Tensor
+    steps: mcmc.StepSizes
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        """The shared step size, 0-d float64."""
+        return self.steps.value
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """The moving average of the acceptance rate, 0-d float64."""
+        return self.steps.average
+
+    @staticmethod
+    def _steps(target_acceptance: float, step_size: float) -> mcmc.StepSizes:
+        return mcmc.StepSizes((), target_acceptance, torch.device("cpu"), torch.float64, step_size, ADAPTATION)
 
     @classmethod
     def start(cls, examples: int, latent_dim: int, generator: torch.Generator, *,
               dtype: torch.dtype = torch.float32, target_acceptance: float = TARGET_ACCEPTANCE,
               step_size: float = STEP_SIZE) -> PersistentChains:
-        """Chains drawn from the prior N(0, I) with ``generator`` (on its device).
+        """Chains drawn from the prior N(0, I) with ``generator`` (on its device), their step size
+        to be adapted toward ``target_acceptance``.
 
         Raises:
             ValueError: ``examples`` or ``latent_dim`` below 1, a target outside (0, 1).
@@ -77,13 +91,13 @@ class PersistentChains:
         if not 0.0 < target_acceptance < 1.0:
             raise ValueError(f"target_acceptance = {target_acceptance}: expected a rate strictly between 0 and 1")
         z = torch.randn(examples, latent_dim, generator=generator, device=generator.device).to(dtype)
-        return cls(z, torch.tensor(step_size, dtype=torch.float64),
-                   torch.tensor(target_acceptance, dtype=torch.float64))
+        return cls(z, cls._steps(target_acceptance, step_size))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors to checkpoint (CPU copies), for :meth:`from_state_dict`."""
-        return {"z": self.z.detach().cpu().clone(), "step_size": self.step_size.clone(),
-                "acceptance": self.acceptance.clone()}
+        return {"z": self.z.detach().cpu().clone(), "step_size": self.steps.value.clone(),
+                "acceptance": self.steps.average.clone(),
+                "target_acceptance": torch.tensor(self.steps.target, dtype=torch.float64)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> PersistentChains:
@@ -92,11 +106,13 @@ class PersistentChains:
         Raises:
             ValueError: a key missing or a tensor of the wrong shape.
         """
-        missing = {"z", "step_size", "acceptance"} - set(state)
-        if missing or state["z"].ndim != 2 or state["step_size"].ndim or state["acceptance"].ndim:
-            raise ValueError(f"not a PersistentChains state: keys {sorted(state)} "
-                             "(expected z (examples, latent_dim), step_size and acceptance scalars)")
-        return cls(state["z"].to(device), state["step_size"].double(), state["acceptance"].double())
+        keys = {"z", "step_size", "acceptance", "target_acceptance"}
+        if keys - set(state) or state["z"].ndim != 2 or any(state[key].ndim for key in keys - {"z"}):
+            raise ValueError(f"not a PersistentChains state: keys {sorted(state)} (expected z (examples, "
+                             "latent_dim); step_size, acceptance and target_acceptance scalars)")
+        steps = cls._steps(float(state["target_acceptance"]), float(state["step_size"]))
+        steps.average = state["acceptance"].double().clone()
+        return cls(state["z"].to(device), steps)
 
 
 @dataclass(frozen=True)
@@ -113,10 +129,10 @@ class RoundRecord:
 @torch.no_grad()
 def e_step(model: mcmc.DecoderModel, x: torch.Tensor, chains: PersistentChains, index: torch.Tensor,
            generator: torch.Generator, *, leapfrog_steps: int = LEAPFROG_STEPS,
-           target_acceptance: float = TARGET_ACCEPTANCE, adaptation: float = ADAPTATION,
            jitter: float = JITTER) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the chains of examples ``index`` by one HMC trajectory targeting p(z|x) ∝ p(z) p(x|z)
-    under the model's current decoder, and adapt the shared step size.
+    under the model's current decoder, and adapt the shared step size toward the chains' target
+    (:meth:`vae.mcmc.StepSizes.update` with the minibatch's acceptance rate).
 
     Args:
         model: anything :mod:`vae.mcmc` samples (``decoder_log_prob``; a closed-form gradient if it
@@ -144,10 +160,7 @@ def e_step(model: mcmc.DecoderModel, x: torch.Tensor, chains: PersistentChains, 
     step = mcmc.jittered(base, uniforms[1], jitter)
     new, accepted = mcmc.hmc_transition(path, current, 1.0, step, momentum, uniforms[0], leapfrog_steps)
     chains.z[index] = new.z[0].to(chains.z.dtype)
-    rate = accepted.double().mean().cpu()
-    chains.acceptance = mcmc.ACCEPTANCE_SLOWNESS * chains.acceptance + (1 - mcmc.ACCEPTANCE_SLOWNESS) * rate
-    factor = 1.0 + adaptation if bool(chains.acceptance > target_acceptance) else 1.0 - adaptation
-    chains.step_size = (chains.step_size * factor).clamp(mcmc.STEP_SIZE_MIN, mcmc.STEP_SIZE_MAX)
+    chains.steps.update(accepted.double().mean().cpu())
     return new.z[0], accepted[0]
 
 
@@ -160,7 +173,7 @@ def log_joint(model: mcmc.DecoderModel, x: torch.Tensor, z: torch.Tensor) -> tor
 def mcem_round(model: mcmc.DecoderModel, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                chains: PersistentChains, index: torch.Tensor, generator: torch.Generator, *,
                leapfrog_steps: int = LEAPFROG_STEPS, weight_updates: int = WEIGHT_UPDATES,
-               target_acceptance: float = TARGET_ACCEPTANCE, jitter: float = JITTER) -> RoundRecord:
+               jitter: float = JITTER) -> RoundRecord:
     """One MCEM round on a minibatch (AEVB App. E): :func:`e_step`, then ``weight_updates``
     optimizer steps on -mean_x log p(x, z) at the chains' new states (``optimizer`` holds the
     decoder's parameters; any others get no gradient).
@@ -175,8 +188,7 @@ def mcem_round(model: mcmc.DecoderModel, optimizer: torch.optim.Optimizer, x: to
     if weight_updates < 1:
         raise ValueError(f"weight_updates = {weight_updates}: expected an integer >= 1")
     step_size = float(chains.step_size)
-    z, accepted = e_step(model, x, chains, index, generator, leapfrog_steps=leapfrog_steps,
-                         target_acceptance=target_acceptance, jitter=jitter)
+    z, accepted = e_step(model, x, chains, index, generator, leapfrog_steps=leapfrog_steps, jitter=jitter)
     first = math.nan
     for update in range(weight_updates):
         objective = log_joint(model, x, z).mean()
